@@ -1,0 +1,18 @@
+"""resid: a hooked GPT-2 whose residual stream is a first-class data structure."""
+
+from resid.cache import ActivationCache
+from resid.hooks import HookPoint
+from resid.loading import CheckpointError, load
+from resid.model import Config, Model
+from resid.tokenizer import Tokenizer
+
+__all__ = [
+    "ActivationCache",
+    "CheckpointError",
+    "Config",
+    "HookPoint",
+    "Model",
+    "Tokenizer",
+    "load",
+]
+__version__ = "0.1.0"

