@@ -159,7 +159,9 @@ def compare(
     )
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
     # hook_result is off in the bridge unless enabled; compare every site it caches by default
-    shared = [n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")]
+    shared = [
+        n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")
+    ]
     _, tl_cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in shared)
     _, cache = model.run_with_cache(tokens, names_filter=shared)
     report.sites = {n: site_diff(cache[n], tl_cache[n]) for n in shared if n in tl_cache}

@@ -165,7 +165,7 @@ def _read_weights(path: Path) -> dict:
             "unpickling them could run arbitrary code. If you trust the file, convert it to "
             f"safetensors first. (torch said: {str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # a text file, a truncated zip, …: torch raises many kinds
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle of tensors): {e}"
         ) from e
@@ -222,7 +222,7 @@ def _config_for(folder: Path, weights: dict[str, Tensor]) -> Config:
     )
     warnings.warn(
         "no config.json beside the weights: assuming GPT-2's 64-dimensional heads "
-        f"({d_model // 64} heads). Pass config=resid.Config(...) if that is wrong.",
+        f"(n_heads={d_model // 64}). Pass config=resid.Config(...) if that is wrong.",
         stacklevel=3,
     )
     return Config(n_layers=n_layers, n_heads=d_model // 64, d_model=d_model, d_head=64,

@@ -282,22 +282,32 @@ class Model(nn.Module):
     # ---- the forward pass ------------------------------------------------------------
 
     def forward(
-        self, input: Input, return_type: Literal["logits", "loss"] | None = "logits"
+        self,
+        input: Input,
+        return_type: Literal["logits", "loss"] | None = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Tensor | None:
         """Logits for every prefix of the input: row ``i`` predicts token ``i + 1``.
 
         ``input`` is a string, a list of strings (right-padded, BOS prepended), or token ids
         ``[batch, pos]`` / ``[pos]``. ``return_type="loss"`` gives the mean next-token loss.
+
+        As in TransformerLens, ``start_at_layer=l`` takes ``input`` to be the residual stream
+        entering block ``l`` (``[batch, pos, d_model]``), and ``stop_at_layer=l`` returns the
+        residual stream entering block ``l`` instead of logits.
         """
-        tokens = self.tokens(input)
-        batch, pos = tokens.shape
-        x = self.hook_embed(self.W_E[tokens])
-        pos_embed = self.W_pos[:pos].expand(batch, pos, -1)
-        if self.hook_pos_embed.active:  # hooks get a tensor of their own, never the weights
-            pos_embed = self.hook_pos_embed(pos_embed.clone())
-        resid = x + pos_embed
-        for block in self.blocks:
+        if start_at_layer is None:
+            tokens = self.tokens(input)
+            resid = self.embed(tokens)
+        elif return_type == "loss":
+            raise ValueError("return_type='loss' needs tokens, so it cannot start at a layer")
+        else:
+            resid = input
+        for block in self.blocks[start_at_layer:stop_at_layer]:
             resid = block(resid)
+        if stop_at_layer is not None:
+            return resid
         if return_type is None:
             return None
         logits = self.ln_final(resid) @ self.W_U
@@ -306,6 +316,15 @@ class Model(nn.Module):
         if return_type == "loss":
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
         raise ValueError(f"return_type must be 'logits', 'loss' or None, not {return_type!r}")
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream's first state: token embedding plus position embedding."""
+        batch, pos = tokens.shape
+        embed = self.hook_embed(self.W_E[tokens])
+        pos_embed = self.W_pos[:pos].expand(batch, pos, -1)
+        if self.hook_pos_embed.active:  # hooks get a tensor of their own, never the weights
+            pos_embed = self.hook_pos_embed(pos_embed.clone())
+        return embed + pos_embed
 
     # ---- hooks and caching ---------------------------------------------------------
 

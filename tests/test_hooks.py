@@ -36,13 +36,19 @@ def test_cache_laws(tiny, tokens):
     """resid_mid = resid_pre + attn_out; the per-head results sum to attn_out less b_O;
     the pattern is the softmax of the scores; hook_normalized is unit-variance."""
     _, c = tiny.run_with_cache(tokens, names_filter=lambda n: True)
-    for l in range(2):
-        blk = f"blocks.{l}"
-        torch.testing.assert_close(c[f"{blk}.hook_resid_mid"], c[f"{blk}.hook_resid_pre"] + c[f"{blk}.hook_attn_out"])
-        torch.testing.assert_close(c[f"{blk}.hook_resid_post"], c[f"{blk}.hook_resid_mid"] + c[f"{blk}.hook_mlp_out"])
-        heads = c[f"{blk}.attn.hook_result"].sum(2) + tiny.blocks[l].attn.b_O
+    for layer in range(2):
+        blk = f"blocks.{layer}"
+        torch.testing.assert_close(
+            c[f"{blk}.hook_resid_mid"], c[f"{blk}.hook_resid_pre"] + c[f"{blk}.hook_attn_out"]
+        )
+        torch.testing.assert_close(
+            c[f"{blk}.hook_resid_post"], c[f"{blk}.hook_resid_mid"] + c[f"{blk}.hook_mlp_out"]
+        )
+        heads = c[f"{blk}.attn.hook_result"].sum(2) + tiny.blocks[layer].attn.b_O
         torch.testing.assert_close(heads, c[f"{blk}.hook_attn_out"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(c[f"{blk}.attn.hook_pattern"], c[f"{blk}.attn.hook_attn_scores"].softmax(-1))
+        torch.testing.assert_close(
+            c[f"{blk}.attn.hook_pattern"], c[f"{blk}.attn.hook_attn_scores"].softmax(-1)
+        )
         assert torch.isinf(c[f"{blk}.attn.hook_attn_scores"][0, 0, 0, 1])
         normalized = c[f"{blk}.ln1.hook_normalized"]
         torch.testing.assert_close(normalized.pow(2).mean(-1), torch.ones(3, 17), atol=1e-3, rtol=0)
@@ -76,7 +82,11 @@ def test_filters_lists_and_context_manager(tiny, tokens):
     seen = []
     record = lambda act, hook: seen.append(hook.name)  # noqa: E731
     with tiny.hooks([(lambda n: n.endswith("hook_resid_post"), record), ("hook_embed", record)]):
-        assert attached(tiny) == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        assert attached(tiny) == [
+            "hook_embed",
+            "blocks.0.hook_resid_post",
+            "blocks.1.hook_resid_post",
+        ]
         tiny(tokens)
     assert seen == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert attached(tiny) == []
@@ -96,7 +106,9 @@ def test_wrong_shape_names_the_hook_and_detaches(tiny, tokens):
     first = lambda act, hook: None  # noqa: E731 - attached before the bad one, must go too
     bad = lambda act, hook: act[:, :-1]  # noqa: E731
     with pytest.raises(ValueError, match="blocks.1.mlp.hook_post"):
-        tiny.run_with_hooks(tokens, fwd_hooks=[("hook_embed", first), ("blocks.1.mlp.hook_post", bad)])
+        tiny.run_with_hooks(
+            tokens, fwd_hooks=[("hook_embed", first), ("blocks.1.mlp.hook_post", bad)]
+        )
     assert attached(tiny) == []
 
 

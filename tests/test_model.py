@@ -75,7 +75,9 @@ def test_one_row_of_logits_per_prefix(tiny, tokens):
 def test_sdpa_and_explicit_pattern_paths_agree(tiny, small, tokens):
     with torch.no_grad():
         fast = tiny(tokens)
-        explicit, cache = tiny.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        explicit, cache = tiny.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("hook_pattern")
+        )
     assert len(cache) == tiny.cfg.n_layers
     torch.testing.assert_close(explicit, fast, atol=1e-5, rtol=0)
     # one layer of GPT-2-small shapes, so the difference is not amplified through depth
@@ -139,3 +141,14 @@ def test_weights_are_the_forward_passes(tiny, tiny_hf):
     assert torch.equal(attn.W_O.flatten(0, 1), hf_attn.c_proj.weight)
     assert torch.equal(tiny.W_U, tiny_hf.lm_head.weight.T)
     assert attn.W_Q.data_ptr() == attn.W_QKV.data_ptr()  # a view, not a copy
+
+
+def test_start_and_stop_at_layer(tiny, tokens):
+    with torch.no_grad():
+        logits, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.hook_resid_pre")
+        resid_1 = tiny(tokens, stop_at_layer=1)
+        resumed = tiny(resid_1, start_at_layer=1)
+    assert torch.equal(resid_1, cache["blocks.1.hook_resid_pre"])
+    assert torch.equal(resumed, logits)
+    with pytest.raises(ValueError, match="needs tokens"):
+        tiny(resid_1, start_at_layer=1, return_type="loss")

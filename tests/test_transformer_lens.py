@@ -1,0 +1,60 @@
+"""Every hook site resid shares with TransformerLens' TransformerBridge, on the same weights."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+import resid
+from resid.compare import hf_tokenizer
+
+transformer_lens = pytest.importorskip("transformer_lens")
+
+
+def bridge_for(hf: GPT2LMHeadModel):
+    """A bridge over a copy of ``hf`` (the bridge rewires the model it is given)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    copy = GPT2LMHeadModel(hf.config).eval()
+    copy.load_state_dict(hf.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(
+            "gpt2", hf_model=copy, tokenizer=hf_tokenizer(), device="cpu"
+        )
+
+
+def assert_sites_match(model: resid.Model, bridge, tokens, atol: float) -> dict[str, float]:
+    shared = [
+        n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")
+    ]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl_logits, tl = bridge.run_with_cache(tokens, names_filter=lambda n: n in shared)
+        logits, ours = model.run_with_cache(tokens, names_filter=shared)
+    assert set(tl) >= set(shared) and len(shared) == 4 + 17 * model.cfg.n_layers
+    worst = {}
+    for name in shared:
+        a, b = ours[name], tl[name]
+        assert a.shape == b.shape, name
+        masked = b < -1e30  # TransformerLens masks scores with -inf or the float minimum
+        assert torch.equal(a == float("-inf"), masked), name
+        worst[name] = (a[~masked] - b[~masked]).abs().max().item()
+    bad = {n: d for n, d in worst.items() if d > atol}
+    assert not bad, bad
+    torch.testing.assert_close(logits, tl_logits, atol=atol, rtol=0)
+    return worst
+
+
+def test_every_shared_site_matches_tiny(tiny, tiny_hf, tokens):
+    assert_sites_match(tiny, bridge_for(tiny_hf), tokens, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_every_shared_site_matches_gpt2_small_shapes(small, small_hf):
+    """12 layers of scaled-up random weights amplify float32 rounding: the activations
+    there reach |x| ~ 30, so 1e-4 absolute is ~3e-6 relative."""
+    tokens = small.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    worst = assert_sites_match(small, bridge_for(small_hf), tokens, atol=1e-4)
+    assert max(worst.values()) < 1e-4
