@@ -206,13 +206,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
+        # registered in the order the forward pass reaches them, so hook_names reads in order
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.ln1 = LayerNorm(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = LayerNorm(cfg)
-        self.mlp = MLP(cfg)
-        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
+        self.ln2 = LayerNorm(cfg)
+        self.mlp = MLP(cfg)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 

@@ -1,0 +1,57 @@
+"""The command line: `resid compare` and `resid info` on a saved checkpoint."""
+
+import subprocess
+import sys
+
+import pytest
+
+from resid.cli import main
+
+
+def test_compare_prints_a_table_and_exits_0(tiny_dir, capsys):
+    assert main(["compare", str(tiny_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for reference in ("transformers (eager)", "transformers (sdpa)", "TransformerLens bridge"):
+        line = next(l for l in out.splitlines() if l.startswith(reference))  # noqa: E741
+        assert line.endswith("ok") and "100.00%" in line
+    assert "hook sites vs TransformerLens (38 shared" in out and "all sites ok" in out
+
+
+def test_a_difference_beyond_rounding_fails_the_report():
+    import torch
+
+    from resid.compare import Report, format_report, logit_stats, tolerance
+
+    ref = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(0)) * 5
+    atol, rtol = tolerance(torch.float32)
+    close = logit_stats("same", ref, ref + 1e-6, atol, rtol)
+    far = logit_stats("off", ref, ref + torch.linspace(0, 1e-2, 100), atol, rtol)
+    assert close.ok and close.top1 == 1.0 and abs(close.kl) < 1e-9
+    assert not far.ok and abs(far.max_abs - 1e-2) < 1e-6
+    report = Report("x", torch.float32, "cpu", 10, "", rows=[close, far])
+    assert not report.ok and "BEYOND TOLERANCE" in format_report(report)
+
+
+def test_compare_bfloat16_within_half_tolerance(tiny_dir, capsys):
+    assert main(["compare", str(tiny_dir), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+
+
+def test_errors_are_one_line_and_exit_2(capsys):
+    assert main(["info", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resid info: error: ") and "gpt2-medium" in err
+
+
+def test_info_and_python_dash_m(tiny_dir):
+    out = subprocess.run([sys.executable, "-m", "resid", "info", str(tiny_dir), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "n_layers        2" in out.stdout and "hook sites: 40" in out.stdout
+    assert "blocks.{l}.…): hook_resid_pre, ln1.hook_scale" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["compare"], ["frobnicate", "x"]])
+def test_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2

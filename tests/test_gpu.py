@@ -1,0 +1,47 @@
+"""Parity with transformers on a CUDA device, fp32 and bf16. Skipped where there is no GPU."""
+
+import pytest
+import torch
+from conftest import hf_with
+
+import resid
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine"),
+]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fp32_on_gpu_matches_transformers(small_hf, small_dir, attn):
+    tokens = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    model = resid.load(small_dir, device="cuda")
+    hf = hf_with(small_hf, attn).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        ref, ours = hf(tokens).logits, model(tokens)
+    hf.cpu()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_bf16_on_gpu_matches_transformers(small_hf, small_dir):
+    tokens = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
+    model = resid.load(small_dir, device="cuda", dtype=torch.bfloat16)
+    hf = hf_with(small_hf, "sdpa").to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        ref, ours = hf(tokens).logits.float(), model(tokens).float()
+        exact = hf_with(small_hf, "sdpa").float()(tokens).logits.float()
+    hf.to("cpu", torch.float32)
+    top1 = (ours.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    ref_top1 = (ref.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    # resid in bf16 is as close to the fp32 truth as transformers in bf16 is
+    assert top1 >= min(0.99, ref_top1 - 0.01)
+    assert (ours - exact).abs().max() <= 1.5 * (ref - exact).abs().max() + 1e-2
+
+
+def test_run_with_cache_to_cpu_from_gpu(small_dir):
+    model = resid.load(small_dir, device="cuda")
+    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n, device="cpu")
+    assert all(t.device.type == "cpu" for t in cache.values())
+    assert len(cache) == 3 * model.cfg.n_layers
