@@ -1,5 +1,7 @@
 """Parity with transformers on a CUDA device, fp32 and bf16. Skipped where there is no GPU."""
 
+import copy
+
 import pytest
 import torch
 from conftest import hf_with
@@ -16,22 +18,21 @@ pytestmark = [
 def test_fp32_on_gpu_matches_transformers(small_hf, small_dir, attn):
     tokens = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
     model = resid.load(small_dir, device="cuda")
-    hf = hf_with(small_hf, attn).cuda()
+    hf = hf_with(copy.deepcopy(small_hf), attn).cuda()  # the fixture stays on the CPU
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         ref, ours = hf(tokens).logits, model(tokens)
-    hf.cpu()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
 def test_bf16_on_gpu_matches_transformers(small_hf, small_dir):
     tokens = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
     model = resid.load(small_dir, device="cuda", dtype=torch.bfloat16)
-    hf = hf_with(small_hf, "sdpa").to("cuda", torch.bfloat16)
+    hf = hf_with(copy.deepcopy(small_hf), "sdpa").cuda()
     with torch.no_grad():
+        exact = hf(tokens).logits.float()  # fp32 truth, before the weights are rounded
+        hf.to(torch.bfloat16)
         ref, ours = hf(tokens).logits.float(), model(tokens).float()
-        exact = hf_with(small_hf, "sdpa").float()(tokens).logits.float()
-    hf.to("cpu", torch.float32)
     top1 = (ours.argmax(-1) == exact.argmax(-1)).float().mean().item()
     ref_top1 = (ref.argmax(-1) == exact.argmax(-1)).float().mean().item()
     # resid in bf16 is as close to the fp32 truth as transformers in bf16 is
