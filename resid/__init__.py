@@ -2,7 +2,7 @@
 
 from resid.cache import ActivationCache
 from resid.hooks import HookPoint
-from resid.loading import CheckpointError, load
+from resid.loading import CheckpointError, load, save
 from resid.model import Config, Model
 from resid.tokenizer import Tokenizer
 
@@ -14,5 +14,6 @@ __all__ = [
     "Model",
     "Tokenizer",
     "load",
+    "save",
 ]
 __version__ = "0.1.0"

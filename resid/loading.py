@@ -306,3 +306,31 @@ def to_gpt2_state_dict(model: Model) -> dict[str, Tensor]:
             out[f"h.{i}.{src}"] = params[f"blocks.{i}.{dst}"]
         out[f"h.{i}.attn.c_proj.weight"] = out[f"h.{i}.attn.c_proj.weight"].flatten(0, 1)
     return {k: v.detach() for k, v in out.items()}
+
+
+def save(model: Model, folder: str | Path) -> Path:
+    """Write ``model`` as Hugging Face saves a GPT-2: ``config.json`` + ``model.safetensors``.
+
+    Both ``resid.load`` and ``transformers.GPT2LMHeadModel.from_pretrained`` read it back.
+
+    >>> resid.save(model, "my-gpt2")
+    """
+    import safetensors.torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    config = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": c.n_layers,
+        "n_head": c.n_heads, "n_embd": c.d_model, "n_inner": c.d_mlp, "vocab_size": c.d_vocab,
+        "n_positions": c.n_ctx, "layer_norm_epsilon": c.layer_norm_eps, "activation_function": c.act_fn,
+        "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights = {
+        f"transformer.{k}": v.contiguous().cpu() for k, v in to_gpt2_state_dict(model).items()
+    }
+    safetensors.torch.save_file(
+        weights, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
+    return folder
