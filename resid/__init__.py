@@ -1,6 +1,8 @@
 """resid: a hooked GPT-2 whose residual stream is a first-class data structure."""
 
 from resid.cache import ActivationCache
+from resid.factored import FactoredMatrix
+from resid.head import Head
 from resid.hooks import HookPoint
 from resid.loading import CheckpointError, load, save
 from resid.model import Config, Model
@@ -10,6 +12,8 @@ __all__ = [
     "ActivationCache",
     "CheckpointError",
     "Config",
+    "FactoredMatrix",
+    "Head",
     "HookPoint",
     "Model",
     "Tokenizer",

@@ -34,6 +34,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from resid import hooks
+from resid.factored import FactoredMatrix
+from resid.head import Head
 from resid.hooks import HookFn, HookPoint, NameFilter
 from resid.tokenizer import Tokenizer
 
@@ -227,6 +229,15 @@ class Block(nn.Module):
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
+def _stacked(module: str, name: str, shape: str) -> property:
+    """A ``Model`` property: every block's ``module.name``, stacked on a leading layer axis."""
+
+    def get(self: Model) -> Tensor:
+        return torch.stack([getattr(getattr(block, module), name) for block in self.blocks])
+
+    return property(get, doc=f"``[{shape}]``: each block's ``{module}.{name}``, stacked (a copy).")
+
+
 class Model(nn.Module):
     """A GPT-2 with hook points at every site.
 
@@ -279,6 +290,35 @@ class Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_E.dtype
+
+    # ---- heads, and every layer's weights stacked (TransformerLens' names) ------------
+
+    def head(self, layer: int, index: int) -> Head:
+        """Attention head ``index`` of block ``layer``: weights, QK/OV circuits, pattern."""
+        return Head(self, layer, index)
+
+    W_Q = _stacked("attn", "W_Q", "layer head d_model d_head")
+    W_K = _stacked("attn", "W_K", "layer head d_model d_head")
+    W_V = _stacked("attn", "W_V", "layer head d_model d_head")
+    W_O = _stacked("attn", "W_O", "layer head d_head d_model")
+    b_Q = _stacked("attn", "b_Q", "layer head d_head")
+    b_K = _stacked("attn", "b_K", "layer head d_head")
+    b_V = _stacked("attn", "b_V", "layer head d_head")
+    b_O = _stacked("attn", "b_O", "layer d_model")
+    W_in = _stacked("mlp", "W_in", "layer d_model d_mlp")
+    W_out = _stacked("mlp", "W_out", "layer d_mlp d_model")
+    b_in = _stacked("mlp", "b_in", "layer d_mlp")
+    b_out = _stacked("mlp", "b_out", "layer d_model")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Every head's ``W_Q W_Kᵀ``, factored: ``[layer, head, d_model, d_model]``."""
+        return FactoredMatrix(self.W_Q, self.W_K.mT)
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Every head's ``W_V W_O``, factored: ``[layer, head, d_model, d_model]``."""
+        return FactoredMatrix(self.W_V, self.W_O)
 
     # ---- the forward pass ------------------------------------------------------------
 
