@@ -41,6 +41,7 @@ from resid.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from resid.cache import ActivationCache
+    from resid.neuron import Neuron
 
 Input = str | list[str] | Tensor
 
@@ -526,3 +527,12 @@ class Model(nn.Module):
             f"Model(n_layers={c.n_layers}, n_heads={c.n_heads}, d_model={c.d_model}, "
             f"d_mlp={c.d_mlp}, d_vocab={c.d_vocab}, n_ctx={c.n_ctx}, dtype={self.dtype}, device={self.device})"
         )
+
+    # ---- neurons ---------------------------------------------------------------------
+
+    def neuron(self, layer: int, index: int) -> Neuron:
+        """MLP neuron ``index`` of ``layer``: ``.read``, ``.write``, ``.bias``,
+        ``.activation(...)``, ``.logit_effect()``; see ``resid.neuron``."""
+        from resid.neuron import Neuron
+
+        return Neuron(self, layer, index)

@@ -1,0 +1,236 @@
+"""Decomposition: the residual stream at any site is a sum of named writes.
+
+    resid = embed + pos_embed
+          + sum over earlier layers l of ( sum_h  z[:, :, h] @ W_O[l, h]   (head "L{l}H{h}")
+                                           + b_O[l]                        ("L{l}.b_O")
+                                           + mlp_out[l] )                  ("L{l}.mlp")
+
+and an MLP's output splits further into its neurons, ``post[..., i] * W_out[i]``
+(``"L{l}N{i}"``), plus its bias ``b_out`` (``"L{l}.b_out"``). Which layers count depends
+on the site: ``blocks.l.hook_resid_pre`` holds layers ``< l``, ``hook_resid_mid`` adds
+layer ``l``'s attention, ``hook_resid_post`` its MLP too.
+
+Head outputs are computed from the cached ``hook_z`` and the ``W_O`` the forward uses
+(or taken from ``hook_result`` when that was cached), so a cache without per-head results
+is enough. Everything here reads a cache; nothing is run.
+
+>>> _, cache = model.run_with_cache(tokens, names_filter=decomposition_hooks(model, 5))
+>>> parts = cache.decompose_resid(5, "pre")
+>>> parts.labels[:3], parts.components.shape     # ['embed', 'pos_embed', 'L0H0'], [component, batch, pos, d_model]
+>>> torch.allclose(parts.sum(), cache["blocks.5.hook_resid_pre"], atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor
+
+from resid.stream import Site, locate
+
+if TYPE_CHECKING:
+    from resid.cache import ActivationCache
+    from resid.model import Model
+
+
+@dataclass(frozen=True)
+class Components:
+    """A labelled stack: ``components[i]`` is the part named ``labels[i]``.
+
+    For a decomposition the stack is ``[component, batch, pos, d_model]`` and ``sum()`` is
+    the stream; for an attribution it is ``[component, batch, pos]`` and ``sum()`` the logit.
+    """
+
+    labels: list[str]
+    components: Tensor
+    site: str | None = None
+
+    def __post_init__(self):
+        if len(self.labels) != self.components.shape[0]:
+            raise ValueError(f"{len(self.labels)} labels for {self.components.shape[0]} parts")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, label: str | int) -> Tensor:
+        if isinstance(label, int):
+            return self.components[label]
+        try:
+            return self.components[self.labels.index(label)]
+        except ValueError:
+            raise KeyError(
+                f"no part labelled {label!r}; labels are {self.labels[:6]}{'…' if len(self) > 6 else ''}"
+            ) from None
+
+    def sum(self) -> Tensor:
+        """The whole these parts add up to."""
+        return self.components.sum(0)
+
+    def query(self, v: Float[Tensor, " d_model"]) -> Components:
+        """Each part's dot product with ``v``: ``[component, batch, pos]``."""
+        from resid.stream import _query
+
+        return Components(self.labels, _query(self.components, v, "Components.query"), self.site)
+
+    def top(self, k: int = 10, batch: int = 0, pos: int = -1) -> list[tuple[str, float]]:
+        """The ``k`` biggest parts at one ``(batch, pos)`` as ``(label, value)``: scalar
+        parts (attributions) by absolute value, vector parts by norm."""
+        at = self.components[:, batch, pos]
+        value = at if at.dim() == 1 else at.norm(dim=-1)
+        idx = value.abs().topk(min(k, len(self))).indices.tolist()
+        return [(self.labels[i], value[i].item()) for i in idx]
+
+    def __repr__(self) -> str:
+        head = ", ".join(self.labels[:4]) + (", …" if len(self) > 4 else "")
+        return f"Components({len(self)} parts: {head}; shape={tuple(self.components.shape)})"
+
+
+def _layers_in(site: Site) -> tuple[int, int]:
+    """How many attention layers and MLP layers have written to the stream at ``site``."""
+    if site.where == "final":
+        return site.layer, site.layer
+    attn = site.layer + (site.where in ("mid", "post"))
+    return attn, site.layer + (site.where == "post")
+
+
+def _neuron_layers(per_neuron: bool | Sequence[int], n_layers: int) -> set[int]:
+    if per_neuron is True:
+        return set(range(n_layers))
+    if per_neuron is False:
+        return set()
+    return {layer % n_layers for layer in per_neuron}
+
+
+def decomposition_hooks(
+    model: Model,
+    layer: int | None = None,
+    where: str = "pre",
+    heads: bool = True,
+    per_neuron: bool | Sequence[int] = False,
+) -> list[str]:
+    """The hook names a cache needs to decompose the stream at ``(layer, where)``: pass
+    them as ``run_with_cache``'s ``names_filter``."""
+    site = locate(model.cfg.n_layers, layer, where)
+    n_attn, n_mlp = _layers_in(site)
+    neurons = _neuron_layers(per_neuron, model.cfg.n_layers)
+    names = ["hook_embed", "hook_pos_embed"]
+    for layer in range(max(n_attn, n_mlp)):
+        if layer < n_attn:
+            names.append(
+                f"blocks.{layer}.attn.hook_z" if heads else f"blocks.{layer}.hook_attn_out"
+            )
+        if layer < n_mlp:
+            names.append(
+                f"blocks.{layer}.mlp.hook_post"
+                if layer in neurons
+                else f"blocks.{layer}.hook_mlp_out"
+            )
+    return names
+
+
+def require(cache: ActivationCache, names: list[str], needed_for: str, fix: str) -> None:
+    """Raise a KeyError naming the hooks ``needed_for`` needs that the cache lacks."""
+    missing = [n for n in names if n not in cache]
+    if missing:
+        shown = ", ".join(missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
+        raise KeyError(
+            f"{needed_for} needs hooks this cache lacks: {shown}. Cache them with "
+            f"run_with_cache(..., names_filter={fix})"
+        )
+
+
+def head_results(cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
+    """What each head of ``layer`` writes: ``hook_result`` if cached, else ``z @ W_O``."""
+    name = f"blocks.{layer}.attn.hook_result"
+    if name in cache:
+        return cache[name]
+    require(
+        cache,
+        [f"blocks.{layer}.attn.hook_z"],
+        f"the head results of layer {layer}",
+        f"[..., 'blocks.{layer}.attn.hook_z']",
+    )
+    z = cache[f"blocks.{layer}.attn.hook_z"]
+    W_O = cache.model.blocks[layer].attn.W_O.detach().to(z)
+    return einsum(z, W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+
+
+def contributions(
+    cache: ActivationCache,
+    layer: int | None = None,
+    where: str = "pre",
+    heads: bool = True,
+    per_neuron: bool | Sequence[int] = False,
+    direction: Float[Tensor, "batch d_model"] | None = None,
+) -> Components:
+    """The decomposition of the stream at ``(layer, where)``; with ``direction``, each part's
+    dot product with it instead (``[component, batch, pos]``), computed without building
+    the per-head or per-neuron vectors."""
+    model = cache.model
+    site = locate(model.cfg.n_layers, layer, where)
+    needed = decomposition_hooks(model, site.layer, site.where, heads, per_neuron)
+    needed = [n for n in needed if not (n.endswith("hook_z") and n[:-1] + "result" in cache)]
+    require(
+        cache,
+        needed,
+        f"decomposing {site.name}",
+        f"resid.decompose.decomposition_hooks(model, {site.layer}, {site.where!r}"
+        + (", heads=False" if not heads else "")
+        + (f", per_neuron={per_neuron!r}" if per_neuron is not False else "")
+        + ")",
+    )
+    n_attn, n_mlp = _layers_in(site)
+    neurons = _neuron_layers(per_neuron, model.cfg.n_layers)
+    ref = cache["hook_embed"]
+
+    def w(t: Tensor) -> Tensor:  # a weight, on the cache's device and in its dtype
+        return t.detach().to(ref)
+
+    def project(x: Float[Tensor, "n batch pos d_model"]) -> Tensor:
+        if direction is None:
+            return x
+        return einsum(x, direction, "n batch pos d_model, batch d_model -> n batch pos")
+
+    def bias(b: Float[Tensor, " d_model"]) -> Tensor:
+        return project(w(b).expand(1, *ref.shape))
+
+    labels, parts = ["embed", "pos_embed"], [project(torch.stack([ref, cache["hook_pos_embed"]]))]
+    for lyr in range(max(n_attn, n_mlp)):
+        blk = model.blocks[lyr]
+        if lyr < n_attn:
+            if not heads:
+                labels.append(f"L{lyr}.attn")
+                parts.append(project(cache[f"blocks.{lyr}.hook_attn_out"][None]))
+            else:
+                labels += [f"L{lyr}H{h}" for h in range(model.cfg.n_heads)] + [f"L{lyr}.b_O"]
+                result = f"blocks.{lyr}.attn.hook_result"
+                if result in cache or direction is None:
+                    out = rearrange(head_results(cache, lyr), "b p head d -> head b p d")
+                    parts.append(project(out))
+                else:  # z · (W_O · direction): never build the per-head vectors
+                    W_Od = einsum(w(blk.attn.W_O), direction, "h e d, b d -> b h e")
+                    z = cache[f"blocks.{lyr}.attn.hook_z"]
+                    parts.append(einsum(z, W_Od, "b p h e, b h e -> h b p"))
+                parts.append(bias(blk.attn.b_O))
+        if lyr < n_mlp:
+            if lyr not in neurons:
+                labels.append(f"L{lyr}.mlp")
+                parts.append(project(cache[f"blocks.{lyr}.hook_mlp_out"][None]))
+                continue
+            post = cache[f"blocks.{lyr}.mlp.hook_post"]
+            labels += [f"L{lyr}N{i}" for i in range(post.shape[-1])] + [f"L{lyr}.b_out"]
+            if direction is None:
+                parts.append(einsum(post, w(blk.mlp.W_out), "b p m, m d -> m b p d"))
+            else:
+                W_outd = einsum(w(blk.mlp.W_out), direction, "m d, b d -> b m")
+                parts.append(einsum(post, W_outd, "b p m, b m -> m b p"))
+            parts.append(bias(blk.mlp.b_out))
+    return Components(labels, torch.cat(parts), site.name)
