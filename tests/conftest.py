@@ -76,6 +76,15 @@ def small(small_dir) -> resid.Model:
     return resid.load(small_dir, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny):
+    """(tokens, logits, cache of every site but hook_result) of the tiny model."""
+    tokens = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits, cache = tiny.run_with_cache(tokens)
+    return tokens, logits, cache
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))

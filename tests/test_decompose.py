@@ -15,16 +15,8 @@ SITES = [(layer, where) for layer in range(2) for where in ("pre", "mid", "post"
 ]
 
 
-@pytest.fixture(scope="module")
-def run(tiny):
-    tokens = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        logits, cache = tiny.run_with_cache(tokens)
-    return tokens, logits, cache
-
-
-def test_decomposition_sums_to_every_stream(run):
-    _, _, cache = run
+def test_decomposition_sums_to_every_stream(tiny_run):
+    _, _, cache = tiny_run
     worst = 0.0
     for layer, where in SITES:
         stream = cache.stream(2 if layer is None else layer, where)
@@ -44,10 +36,10 @@ def test_decomposition_sums_to_every_stream(run):
     assert len(neurons) == 2 + 5 + 256 + 1 and neurons.labels[-2:] == ["L0N255", "L0.b_out"]
 
 
-def test_head_parts_are_the_forwards_per_head_results(tiny, run):
+def test_head_parts_are_the_forwards_per_head_results(tiny, tiny_run):
     """z @ W_O per head (from the cache) == hook_result, which the forward computes when
     hooked; with it cached the decomposition uses it and nothing changes."""
-    tokens, _, cache = run
+    tokens, _, cache = tiny_run
     with torch.no_grad():
         _, with_result = tiny.run_with_cache(tokens, names_filter=lambda n: True)
     for layer in range(2):
@@ -60,8 +52,8 @@ def test_head_parts_are_the_forwards_per_head_results(tiny, run):
     assert cache.head_results().shape == (2, 3, 17, 4, 64)
 
 
-def test_missing_hooks_are_named(tiny, run):
-    tokens = run[0]
+def test_missing_hooks_are_named(tiny, tiny_run):
+    tokens = tiny_run[0]
     _, streams = tiny.run_with_cache(tokens, names_filter=lambda n: "hook_resid" in n)
     with pytest.raises(KeyError, match=r"hook_embed, hook_pos_embed, blocks.0.attn.hook_z.*decomposition_hooks\(model, 1, 'pre'\)"):  # fmt: skip
         streams.stream(1, "pre").decompose()
@@ -73,10 +65,10 @@ def test_missing_hooks_are_named(tiny, run):
     torch.testing.assert_close(parts.sum(), enough["blocks.1.hook_resid_pre"], atol=1e-5, rtol=0)
 
 
-def test_logit_lens_matches_hf_hidden_states(tiny, tiny_hf, run):
+def test_logit_lens_matches_hf_hidden_states(tiny, tiny_hf, tiny_run):
     """HF's hidden_states[l] is resid_pre of layer l; ln_f of it through the LM head is the
     logit lens. The last entry is the model's logits."""
-    tokens, logits, cache = run
+    tokens, logits, cache = tiny_run
     with torch.no_grad():
         out = tiny_hf(tokens, output_hidden_states=True)
         hf_lens = [tiny_hf.lm_head(tiny_hf.transformer.ln_f(h)) for h in out.hidden_states[:-1]]
@@ -88,8 +80,8 @@ def test_logit_lens_matches_hf_hidden_states(tiny, tiny_hf, run):
     assert acc[1] == ["0_pre", "0_mid", "1_pre"]
 
 
-def test_logit_attribution_sums_to_the_logit(tiny, run):
-    tokens, logits, cache = run
+def test_logit_attribution_sums_to_the_logit(tiny, tiny_run):
+    tokens, logits, cache = tiny_run
     u = torch.randn(64, generator=torch.Generator().manual_seed(5))
     final = cache.final_stream().tensor
     with torch.no_grad():
@@ -147,8 +139,8 @@ def compare_with_transformer_lens(model, hf, tokens) -> dict[str, float]:
     }  # fmt: skip
 
 
-def test_agrees_with_transformer_lens_tiny(tiny, tiny_hf, run):
-    errors = compare_with_transformer_lens(tiny, tiny_hf, run[0])
+def test_agrees_with_transformer_lens_tiny(tiny, tiny_hf, tiny_run):
+    errors = compare_with_transformer_lens(tiny, tiny_hf, tiny_run[0])
     assert max(errors.values()) < 1e-4, errors
 
 

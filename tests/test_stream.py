@@ -9,16 +9,8 @@ import resid
 from resid.stream import ResidualStream
 
 
-@pytest.fixture(scope="module")
-def run(tiny):
-    tokens = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        logits, cache = tiny.run_with_cache(tokens)
-    return tokens, logits, cache
-
-
-def test_streams_carry_their_site(tiny, run):
-    _, _, cache = run
+def test_streams_carry_their_site(tiny, tiny_run):
+    _, _, cache = tiny_run
     for layer in range(2):
         for where in ("pre", "mid", "post"):
             stream = cache.stream(layer, where)
@@ -30,11 +22,11 @@ def test_streams_carry_their_site(tiny, run):
     assert (final.site, final.layer, final.where) == ("blocks.1.hook_resid_post", 2, "final")
     assert cache.stream(2, "pre").where == "final"  # TransformerLens' layer = n_layers
     # the final stream is what ln_final reads: the model's own head on it gives the logits
-    torch.testing.assert_close(tiny.ln_final(final.tensor) @ tiny.W_U, run[1])
+    torch.testing.assert_close(tiny.ln_final(final.tensor) @ tiny.W_U, tiny_run[1])
 
 
-def test_query_is_the_dot_product(run):
-    _, _, cache = run
+def test_query_is_the_dot_product(tiny_run):
+    _, _, cache = tiny_run
     stream = cache.stream(1, "pre")
     x = stream.tensor
     g = torch.Generator().manual_seed(0)
@@ -51,8 +43,8 @@ def test_query_is_the_dot_product(run):
     torch.testing.assert_close(state.query(V), out[2, 4])
 
 
-def test_states_index_positions(run):
-    _, _, cache = run
+def test_states_index_positions(tiny_run):
+    _, _, cache = tiny_run
     one = ResidualStream(cache["blocks.0.hook_resid_mid"][1:2], "blocks.0.hook_resid_mid")
     assert len(one.states) == 17
     assert torch.equal(one.states[2].vector, cache["blocks.0.hook_resid_mid"][1, 2])
@@ -66,8 +58,8 @@ def test_states_index_positions(run):
         batch.states[0, 17]
 
 
-def test_update_returns_a_new_stream(run):
-    _, _, cache = run
+def test_update_returns_a_new_stream(tiny_run):
+    _, _, cache = tiny_run
     stream = cache.stream(1, "mid")
     before = stream.tensor.clone()
     v = torch.randn(64)
@@ -90,10 +82,10 @@ def test_update_returns_a_new_stream(run):
     torch.testing.assert_close(parts.sum(), before + 3 * v, atol=1e-5, rtol=0)
 
 
-def test_update_in_a_hook_changes_logits_like_adding_by_hand(tiny, run):
+def test_update_in_a_hook_changes_logits_like_adding_by_hand(tiny, tiny_run):
     """``add`` at blocks.l.hook_resid_pre == resuming the forward at layer l from the cached
     stream with v added (``start_at_layer``), for every layer, all or some positions."""
-    tokens, logits, cache = run
+    tokens, logits, cache = tiny_run
     v = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 3
     worst = 0.0
     with torch.no_grad():
@@ -118,8 +110,8 @@ def test_update_in_a_hook_changes_logits_like_adding_by_hand(tiny, run):
     assert not any(hp.fns for hp in tiny.hook_dict.values())
 
 
-def test_bad_input_gets_clear_errors(tiny, run):
-    _, _, cache = run
+def test_bad_input_gets_clear_errors(tiny, tiny_run):
+    _, _, cache = tiny_run
     stream = cache.stream(0, "post")
     with pytest.raises(ValueError, match=r"d_model=64\] or \[d_model, k\], got \(65,\)"):
         stream.query(torch.randn(65))
@@ -141,14 +133,14 @@ def test_bad_input_gets_clear_errors(tiny, run):
     with pytest.raises(ValueError, match="built from a tensor, not a cache"):
         alone.decompose()
     with pytest.raises(ValueError, match="the add hook on 'blocks.1.hook_resid_mid'"):
-        tiny.run_with_hooks(run[0], fwd_hooks=[resid.stream.add("blocks.1.hook_resid_mid", torch.ones(8))])  # fmt: skip
+        tiny.run_with_hooks(tiny_run[0], fwd_hooks=[resid.stream.add("blocks.1.hook_resid_mid", torch.ones(8))])  # fmt: skip
     assert not any(hp.fns for hp in tiny.hook_dict.values())
 
 
-def test_cache_of_streams_stores_and_computes_only_those(tiny, run):
+def test_cache_of_streams_stores_and_computes_only_those(tiny, tiny_run):
     """Bytes held are exactly the streams asked for, and attention stays on its fused
     kernel: no explicit softmax runs (it does as soon as a pattern is asked for)."""
-    tokens, logits, _ = run
+    tokens, logits, _ = tiny_run
     streams = [f"blocks.{i}.hook_resid_{w}" for i in range(2) for w in ("pre", "mid", "post")]
 
     def ops(names_filter):
@@ -166,8 +158,8 @@ def test_cache_of_streams_stores_and_computes_only_those(tiny, run):
     assert names & {"aten::softmax", "aten::_softmax"}
 
 
-def test_cache_device_and_dtype(tiny, run):
-    tokens, _, full = run
+def test_cache_device_and_dtype(tiny, tiny_run):
+    tokens, _, full = tiny_run
     _, half = tiny.run_with_cache(tokens, names_filter=lambda n: "resid" in n, dtype=torch.bfloat16)
     assert {t.dtype for t in half.values()} == {torch.bfloat16}
     assert half.nbytes == 6 * 3 * 17 * 64 * 2
