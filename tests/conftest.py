@@ -88,3 +88,19 @@ def tiny_run(tiny):
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def toy_trained(tmp_path_factory):
+    """scripts/train_toy.py's model, trained once per session: (saved folder, evaluation)."""
+    from test_toy import load_script
+
+    script = load_script()
+    model = script.train()
+    path = resid.save(model, tmp_path_factory.mktemp("toy") / "toy-induction")
+    return path, script.evaluate(model)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(toy_trained):
+    return toy_trained[0]
