@@ -124,6 +124,41 @@ def hf_tokenizer():
     return tok
 
 
+def transformer_lens_bridge(hf, device: str = "cpu", copy: bool = True):
+    """TransformerLens' TransformerBridge over ``hf`` (offline: no hub look-up). The bridge
+    rewires the model it is given, so by default it gets a copy."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2LMHeadModel
+
+    if copy:
+        original, hf = hf, GPT2LMHeadModel(hf.config).eval()
+        hf.load_state_dict(original.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(
+            "gpt2", hf_model=hf, tokenizer=hf_tokenizer(), device=device
+        )
+
+
+def random_hf_gpt2(seed: int = 0, std: float = 0.1, **shape):
+    """A random transformers GPT-2 whose matrices have std ``std`` (GPT-2's is 0.02, which
+    leaves logits near zero) and whose biases and LayerNorm gains are random too, so every
+    parameter matters in a comparison. ``shape``: GPT2Config's ``n_layer``, ``n_embd``, …"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, initializer_range=std, **shape)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or "ln_f" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 @torch.inference_mode()
 def compare(
     source: str,
@@ -151,12 +186,8 @@ def compare(
     if importlib.util.find_spec("transformer_lens") is None:
         report.skipped.append("transformer_lens (pip install 'resid[compare]')")
         return report
-    from transformer_lens.model_bridge import TransformerBridge
-
-    # The bridge wraps the HF model it is given in place, so it gets that one last.
-    bridge = TransformerBridge.boot_transformers(
-        "gpt2", hf_model=hf, tokenizer=hf_tokenizer(), device=device
-    )
+    # the bridge wraps the HF model it is given in place, so it gets that one, last
+    bridge = transformer_lens_bridge(hf, device, copy=False)
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
     # hook_result is off in the bridge unless enabled; compare every site it caches by default
     shared = [

@@ -24,36 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import resid
 from resid import metrics, patching
-
-
-def random_gpt2(seed: int, **shape) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, initializer_range=0.1, **shape)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln_" in name or "ln_f" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
-
-
-def bridge_for(hf: GPT2LMHeadModel, device: str):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from resid.compare import hf_tokenizer
-
-    copy = GPT2LMHeadModel(hf.config).eval()
-    copy.load_state_dict(hf.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(
-            "gpt2", hf_model=copy, tokenizer=hf_tokenizer(), device=device
-        )
+from resid.compare import random_hf_gpt2, transformer_lens_bridge
 
 
 def timed(fn, device: str):
@@ -81,11 +55,11 @@ def main() -> None:
     shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
     if args.quick:
         shape = dict(n_layer=4, n_head=8, n_embd=256, n_positions=256)
-    hf = random_gpt2(1, **shape)
+    hf = random_hf_gpt2(1, **shape)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         model = resid.load(folder, device=args.device)
-    bridge = bridge_for(hf, args.device)
+    bridge = transformer_lens_bridge(hf, args.device)
 
     g = torch.Generator().manual_seed(0)
     b, n = args.prompts, args.tokens

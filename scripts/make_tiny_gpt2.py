@@ -6,8 +6,7 @@ The weights are scaled up from GPT-2's init so that logits are O(1-10), not near
 
 import argparse
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from resid.compare import random_hf_gpt2
 
 
 def main() -> None:
@@ -19,15 +18,8 @@ def main() -> None:
     p.add_argument("--std", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
-    cfg = GPT2Config(n_layer=args.layers, n_head=args.heads, n_embd=args.d_model,
-                     n_positions=256, initializer_range=args.std)  # fmt: skip
-    model = GPT2LMHeadModel(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, args.std)
-    model.save_pretrained(args.out)
+    shape = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.d_model, n_positions=256)
+    random_hf_gpt2(args.seed, args.std, **shape).save_pretrained(args.out)
     print(f"wrote a random {args.layers}-layer GPT-2 to {args.out}/")
 
 

@@ -12,27 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import resid
+from resid.compare import random_hf_gpt2
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)  # GPT-2 small's shapes
 
 
 def make_hf_gpt2(seed: int = 0, std: float = 0.1, **shape) -> GPT2LMHeadModel:
-    """A random HF GPT-2 whose matrices have std ``std`` and whose biases and LayerNorm
-    gains are random too (so every parameter matters in the comparisons)."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=50257, initializer_range=std, **shape)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln_" in name or "ln_f" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
+    """A random HF GPT-2 with every parameter scaled up (see resid.compare.random_hf_gpt2)."""
+    return random_hf_gpt2(seed, std, **shape)
 
 
 def hf_with(model: GPT2LMHeadModel, attn: str) -> GPT2LMHeadModel:

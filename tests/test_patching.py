@@ -6,7 +6,6 @@ from functools import partial
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 from resid import metrics
 from resid.patching import (
@@ -48,17 +47,9 @@ def clean_cache(tiny, prompts):
 
 @pytest.fixture(scope="module")
 def bridge(tiny_hf):
-    from transformer_lens.model_bridge import TransformerBridge
+    from resid.compare import transformer_lens_bridge
 
-    from resid.compare import hf_tokenizer
-
-    copy = GPT2LMHeadModel(tiny_hf.config).eval()  # the bridge rewires the model it is given
-    copy.load_state_dict(tiny_hf.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(
-            "gpt2", hf_model=copy, tokenizer=hf_tokenizer(), device="cpu"
-        )
+    return transformer_lens_bridge(tiny_hf, "cpu")
 
 
 def no_hooks_left(model) -> bool:

@@ -7,22 +7,13 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import resid
-from resid.compare import hf_tokenizer
+from resid.compare import transformer_lens_bridge
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
 
 def bridge_for(hf: GPT2LMHeadModel):
-    """A bridge over a copy of ``hf`` (the bridge rewires the model it is given)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    copy = GPT2LMHeadModel(hf.config).eval()
-    copy.load_state_dict(hf.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(
-            "gpt2", hf_model=copy, tokenizer=hf_tokenizer(), device="cpu"
-        )
+    return transformer_lens_bridge(hf, "cpu")
 
 
 def assert_sites_match(model: resid.Model, bridge, tokens, atol: float) -> dict[str, float]:
