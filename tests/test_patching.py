@@ -14,10 +14,9 @@ from resid.patching import (
     correlation,
     hook_name,
     patch,
-    path_patch,
-    path_patch_sweep,
     sweep,
 )
+from resid.path_patching import path_patch, path_patch_sweep
 
 tl = pytest.importorskip("transformer_lens")
 from transformer_lens import patching as tlp  # noqa: E402
