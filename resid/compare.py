@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from resid.loading import load, read_checkpoint
+from resid.loading import load, locate, read_checkpoint
 from resid.model import Config, Model
 
 DEFAULT_PROMPTS = [
@@ -87,12 +86,9 @@ def hf_reference(source: str, cfg: Config, device: str, dtype: torch.dtype):
     else a transformers GPT-2 given the checkpoint's GPT-2-named tensors."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    path = Path(source)
-    folder = path if path.is_dir() else None
-    if folder is None and not path.exists():
-        _, _, folder = read_checkpoint(source)  # a hub name: the cached snapshot
-    if folder is not None and (folder / "config.json").is_file():
-        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype)
+    path = locate(source)  # a hub name is its cached snapshot folder
+    if path.is_dir() and (path / "config.json").is_file():
+        hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype)
     else:
         weights, _, _ = read_checkpoint(source)
         hf_cfg = GPT2Config(

@@ -45,6 +45,11 @@ def generate(
     """
     if temperature < 0 or max_new_tokens < 0:
         raise ValueError("temperature and max_new_tokens must not be negative")
+    if isinstance(input, list) and len({len(model.tokenizer.encode(t)) for t in input}) > 1:
+        raise ValueError(
+            "generate continues each row from its last position, so prompts of different "
+            "lengths would continue after padding: generate them one at a time"
+        )
     tokens = model.tokens(input)
     generator = None
     if seed is not None:

@@ -88,14 +88,19 @@ def load(
 
 def read_checkpoint(name_or_path: str | Path) -> tuple[dict[str, Tensor], Config, Path | None]:
     """(GPT-2-named weights in ``[in, out]`` layout, their Config, the folder they came from)."""
+    path = locate(name_or_path)
+    return _read_folder(path) if path.is_dir() else _read_file(path)
+
+
+def locate(name_or_path: str | Path) -> Path:
+    """The file or folder a name or path stands for; a hub name is fetched (or found in
+    the huggingface_hub cache) as a folder."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return _read_folder(path)
-    if path.is_file():
-        return _read_file(path)
+    if path.exists():
+        return path
     name = str(name_or_path)
     if name in HUB_NAMES or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return _read_folder(_download(HUB_NAMES.get(name, name)))
+        return _download(HUB_NAMES.get(name, name))
     raise CheckpointError(
         f"'{name}' is neither a file, a folder, nor a known model: give a path to a checkpoint "
         f"or one of {', '.join(HUB_NAMES)}"

@@ -103,8 +103,13 @@ class LayerNorm(nn.Module):
         elif self.hook_normalized.active:
             normalized = self.hook_normalized(F.layer_norm(x, self.w.shape, eps=self.eps))
         else:  # fast path: one fused kernel
-            return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+            return self.plain(x)
         return normalized * self.w + self.b
+
+    def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """This LayerNorm with no hook points, on ``x``'s device and in its dtype: for code
+        that recomputes a piece of the forward pass (patching sweeps, neurons) silently."""
+        return F.layer_norm(x, self.w.shape, self.w.to(x), self.b.to(x), self.eps)
 
 
 class Attention(nn.Module):

@@ -111,10 +111,9 @@ class Neuron:
         >>> n.activation(cache.stream(n.layer, "mid"))    # == cache[f"blocks.{l}.mlp.hook_post"][..., i]
         """
         x = self._resid_mid(x)
-        ln2, mlp = self._block.ln2, self._block.mlp
-        normalised = F.layer_norm(x, x.shape[-1:], ln2.w.to(x), ln2.b.to(x), ln2.eps)
+        normalised = self._block.ln2.plain(x)
         pre = normalised @ self.read.to(x) + self.bias.to(x)  # query the normalised state
-        out = F.gelu(pre, approximate=mlp.approximate)
+        out = F.gelu(pre, approximate=self._block.mlp.approximate)
         return out.item() if out.dim() == 0 else out
 
     def output(

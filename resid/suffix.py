@@ -21,6 +21,7 @@ from torch import Tensor
 
 from resid.metrics import Metric
 from resid.model import Model
+from resid.model import affine as model_affine
 
 # site -> (hook name within block l, where a patched copy rejoins the forward)
 #   "pre": before block l (q/k/v/pattern: with an edit inside its attention),
@@ -63,14 +64,15 @@ _MIN_ROWS = 16
 def affine(
     x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"] | None
 ) -> Float[Tensor, "... d_out"]:
-    """``x @ W + b`` whose every row is the same however many rows run with it: CPU BLAS
-    switches kernels (and rounding) below ~12 rows, so fewer rows are padded up. This is
-    what makes a sweep's values independent of its chunk size, bit for bit."""
+    """``resid.model.affine`` (or ``x @ W`` without ``b``) whose every row is the same however
+    many rows run with it: CPU BLAS switches kernels (and rounding) below ~12 rows, so fewer
+    rows are padded up. This is what makes a sweep's values independent of its chunk size,
+    bit for bit."""
     rows = x.reshape(-1, W.shape[0])
     n = rows.shape[0]
     if n < _MIN_ROWS:
         rows = torch.cat([rows, rows.new_zeros(_MIN_ROWS - n, rows.shape[1])])
-    out = rows @ W if b is None else torch.addmm(b, rows, W)
+    out = rows @ W if b is None else model_affine(rows, W, b)
     return out[:n].view(*x.shape[:-1], W.shape[1])
 
 
@@ -93,8 +95,7 @@ class Readout:
         return None if self.pos is None else (self.pos - start).clamp(min=0).repeat(n)
 
     def logits(self, x: Float[Tensor, "... d_model"]) -> Tensor:
-        ln = self.model.ln_final
-        x = F.layer_norm(x, ln.w.shape, ln.w, ln.b, ln.eps)
+        x = self.model.ln_final.plain(x)
         if self.W_sel is None:
             return affine(x, self.model.W_U, None)
         x = x.unflatten(0, (-1, self.batch))  # [n, b, (pos,) d]
@@ -187,8 +188,8 @@ class Engine:
         """resid_pre -> resid_mid of block ``layer`` on positions ``start..``; ``edit`` patches
         q/k/v or the pattern of the last ``n_edit`` rows; ``read`` keeps one query per row."""
         blk = self.model.blocks[layer]
-        attn, ln, (N, S, _) = blk.attn, blk.ln1, x.shape
-        h = F.layer_norm(x, ln.w.shape, ln.w, ln.b, ln.eps)
+        attn, (N, S, _) = blk.attn, x.shape
+        h = blk.ln1.plain(x)
         q, k, v = affine(h, attn.W_QKV, attn.b_QKV).view(N, S, 3, self.H, self.E).unbind(2)
         if edit is not None and self.site != "pattern":
             m, clean = edit
@@ -247,8 +248,8 @@ class Engine:
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         blk = self.model.blocks[layer]
-        mlp, ln = blk.mlp, blk.ln2
-        h = F.layer_norm(x, ln.w.shape, ln.w, ln.b, ln.eps)
+        mlp = blk.mlp
+        h = blk.ln2.plain(x)
         post = F.gelu(affine(h, mlp.W_in, mlp.b_in), approximate=mlp.approximate)
         return x + affine(post, mlp.W_out, mlp.b_out)
 
