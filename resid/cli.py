@@ -15,20 +15,20 @@ from pathlib import Path
 
 import torch
 
+from resid.io.compare import compare, format_report
+from resid.io.loading import load
+from resid.viz.attention_pages import check_out, write_attention
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _compare(args) -> int:
-    from resid.compare import compare, format_report
-
     report = compare(args.model, args.prompt, device=args.device, dtype=DTYPES[args.dtype])
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def _info(args) -> int:
-    from resid.loading import load
-
     model = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
     n_params = sum(p.numel() for p in model.parameters())
     print(model)
@@ -44,9 +44,6 @@ def _info(args) -> int:
 
 
 def _attention(args) -> int:
-    from resid.attention_pages import check_out, write_attention
-    from resid.loading import load
-
     if args.prompts_file:
         if args.prompt is not None:
             raise ValueError("give a prompt or --prompts-file, not both")

@@ -27,7 +27,7 @@ import torch
 
 import resid
 from resid import metrics, patching
-from resid.compare import random_hf_gpt2, transformer_lens_bridge
+from resid.io.references import random_hf_gpt2, transformer_lens_bridge
 
 
 def timed(fn, device: str):

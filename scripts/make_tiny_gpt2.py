@@ -6,7 +6,7 @@ The weights are scaled up from GPT-2's init so that logits are O(1-10), not near
 
 import argparse
 
-from resid.compare import random_hf_gpt2
+from resid.io.references import random_hf_gpt2
 
 
 def main() -> None:

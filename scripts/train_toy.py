@@ -19,7 +19,7 @@ import time
 import torch
 
 import resid
-from resid.detectors import head_scores, repeated_tokens
+from resid.analysis.detectors import head_scores, repeated_tokens
 
 TOY = resid.Config(n_layers=2, n_heads=4, d_model=64, d_head=16, d_mlp=128, d_vocab=128, n_ctx=64)
 BOS = TOY.d_vocab - 1  # the last id is the toy's <|endoftext|>

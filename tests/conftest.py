@@ -15,14 +15,14 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import resid
-from resid.compare import random_hf_gpt2
+from resid.io.references import random_hf_gpt2
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)  # GPT-2 small's shapes
 
 
 def make_hf_gpt2(seed: int = 0, std: float = 0.1, **shape) -> GPT2LMHeadModel:
-    """A random HF GPT-2 with every parameter scaled up (see resid.compare.random_hf_gpt2)."""
+    """A random HF GPT-2 with every parameter scaled up (see resid.io.compare.random_hf_gpt2)."""
     return random_hf_gpt2(seed, std, **shape)
 
 

@@ -9,7 +9,7 @@ import chromium
 import pytest
 from conftest import TINY
 
-from resid.attention_pages import write_attention
+from resid.viz.attention_pages import write_attention
 
 pytestmark = pytest.mark.skipif(
     chromium.find() is None,

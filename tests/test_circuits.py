@@ -7,7 +7,7 @@ from test_factored import assert_same_eigenvalues
 from test_head import small_vocab_model
 
 import resid
-from resid.circuits import composition_score, composition_scores, copying_scores
+from resid.analysis.circuits import composition_score, composition_scores, copying_scores
 
 transformer_lens = pytest.importorskip("transformer_lens")
 

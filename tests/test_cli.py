@@ -20,7 +20,7 @@ def test_compare_prints_a_table_and_exits_0(tiny_dir, capsys):
 def test_a_difference_beyond_rounding_fails_the_report():
     import torch
 
-    from resid.compare import Report, format_report, logit_stats, tolerance
+    from resid.io.compare import Report, format_report, logit_stats, tolerance
 
     ref = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(0)) * 5
     atol, rtol = tolerance(torch.float32)

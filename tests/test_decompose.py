@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from test_transformer_lens import bridge_for
 
-from resid.decompose import decomposition_hooks
+from resid.analysis.decompose import decomposition_hooks
 
 SITES = [(layer, where) for layer in range(2) for where in ("pre", "mid", "post")] + [
     (None, "final")
@@ -126,26 +126,33 @@ def tl_results(bridge, tokens):
 
 
 def compare_with_transformer_lens(model, hf, tokens) -> dict[str, float]:
+    """Max |Δ| against TransformerLens, each over resid.io.compare's fp32 tolerance
+    (1e-4 + 1e-5 · max |reference|): below 1 means within it. resid's cache holds the
+    run model(tokens) made (SDPA), TransformerLens' its own, and Hugging Face's eager and
+    sdpa paths differ from each other by about this much too."""
     acc, acc_ln, heads, stacked = tl_results(bridge_for(hf), tokens)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     ours = cache.head_results()  # from hook_z and W_O
+    def rel(a, b):
+        return ((a - b).abs().max() / (1e-4 + 1e-5 * b.abs().max())).item()
+
     return {
-        "accumulated_resid": (cache.accumulated_resid() - acc).abs().max().item(),
-        "accumulated_resid(apply_ln)": (cache.accumulated_resid(apply_ln=True) - acc_ln).abs().max().item(),
-        "head_results": (ours - heads).abs().max().item(),
-        "stack_head_results": (rearrange(ours, "l b p h d -> (l h) b p d") - stacked).abs().max().item(),
-        "final decomposition sum": (cache.decompose_resid(None).sum() - cache.final_stream().tensor).abs().max().item(),
+        "accumulated_resid": rel(cache.accumulated_resid(), acc),
+        "accumulated_resid(apply_ln)": rel(cache.accumulated_resid(apply_ln=True), acc_ln),
+        "head_results": rel(ours, heads),
+        "stack_head_results": rel(rearrange(ours, "l b p h d -> (l h) b p d"), stacked),
+        "final decomposition sum": rel(cache.decompose_resid(None).sum(), cache.final_stream().tensor),
     }  # fmt: skip
 
 
 def test_agrees_with_transformer_lens_tiny(tiny, tiny_hf, tiny_run):
     errors = compare_with_transformer_lens(tiny, tiny_hf, tiny_run[0])
-    assert max(errors.values()) < 1e-4, errors
+    assert max(errors.values()) < 1, errors
 
 
 @pytest.mark.slow
 def test_agrees_with_transformer_lens_gpt2_small_shapes(small, small_hf):
     tokens = small.to_tokens(["When Mary and John went to the store, John gave a drink to"])
     errors = compare_with_transformer_lens(small, small_hf, tokens)
-    assert max(errors.values()) < 1e-4, errors
+    assert max(errors.values()) < 1, errors

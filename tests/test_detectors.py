@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from resid.detectors import (
+from resid.analysis.detectors import (
     bos_score,
     duplicate_token_score,
     head_scores,

@@ -4,7 +4,7 @@ TransformerLens' FactoredMatrix on the same factors."""
 import pytest
 import torch
 
-from resid.factored import FactoredMatrix
+from resid.core.factored import FactoredMatrix
 
 
 def factors(*lead, m=10, r=4, n=7, seed=0, dtype=torch.float64):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from resid.hooks import HookPoint
+from resid.core import hooks
+from resid.core.hooks import HookPoint
 
 
 def attached(model) -> list[str]:
@@ -145,5 +146,6 @@ def test_bad_input_changes_nothing(tiny, tokens):
 def test_hook_point_alone():
     hp = HookPoint()
     hp.name = "x"
-    hp.fns.append(lambda t, hook: t * 2)
-    assert torch.equal(hp(torch.ones(2)), torch.full((2,), 2.0))
+    with hooks.attached({"x": hp}, [("x", lambda t, hook: t * 2)]):
+        assert torch.equal(hp(torch.ones(2)), torch.full((2,), 2.0))
+    assert hp.fns == () and torch.equal(hp(torch.ones(2)), torch.ones(2))

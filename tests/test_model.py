@@ -127,7 +127,7 @@ def test_sampling_is_seeded_and_top_k_restricts(tiny):
 
 
 def test_next_token_distribution_hand_computed():
-    from resid.generation import next_token_distribution
+    from resid.core.generation import next_token_distribution
 
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     p = next_token_distribution(logits, temperature=2.0)

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from resid.neuron import Neuron
+from resid.core.neuron import Neuron
 
 
 @pytest.fixture(scope="module")

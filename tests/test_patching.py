@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resid import metrics
-from resid.patching import (
+from resid.interventions.patching import (
     Sweep,
     attribution_patch,
     correlation,
@@ -16,7 +16,7 @@ from resid.patching import (
     patch,
     sweep,
 )
-from resid.path_patching import path_patch, path_patch_sweep
+from resid.interventions.path_patching import path_patch, path_patch_sweep
 
 tl = pytest.importorskip("transformer_lens")
 from transformer_lens import patching as tlp  # noqa: E402
@@ -46,7 +46,7 @@ def clean_cache(tiny, prompts):
 
 @pytest.fixture(scope="module")
 def bridge(tiny_hf):
-    from resid.compare import transformer_lens_bridge
+    from resid.io.references import transformer_lens_bridge
 
     return transformer_lens_bridge(tiny_hf, "cpu")
 

@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import resid
-from resid.stream import ResidualStream
+from resid.core.stream import ResidualStream
 
 
 def test_streams_carry_their_site(tiny, tiny_run):
@@ -93,7 +93,7 @@ def test_update_in_a_hook_changes_logits_like_adding_by_hand(tiny, tiny_run):
             site = f"blocks.{layer}.hook_resid_pre"
             stream = cache.stream(layer, "pre")
             by_hand = tiny(stream.update(v).tensor, start_at_layer=layer)
-            with tiny.hooks([resid.stream.add(site, v)]):
+            with tiny.hooks([resid.core.stream.add(site, v)]):
                 hooked = tiny(tokens)
             in_hook = lambda act, hook: ResidualStream(act, hook.name).update(v).tensor  # noqa: E731
             also = tiny.run_with_hooks(tokens, fwd_hooks=[(site, in_hook)])
@@ -103,7 +103,7 @@ def test_update_in_a_hook_changes_logits_like_adding_by_hand(tiny, tiny_run):
             only_last = torch.zeros(3, 17, 64)
             only_last[:, -1] = v
             by_hand = tiny(stream.update(only_last).tensor, start_at_layer=layer)
-            hooked = tiny.run_with_hooks(tokens, fwd_hooks=[resid.stream.add(site, v, pos=-1)])
+            hooked = tiny.run_with_hooks(tokens, fwd_hooks=[resid.core.stream.add(site, v, pos=-1)])
             worst = max(worst, (hooked - by_hand).abs().max().item())
             torch.testing.assert_close(hooked[:, :-1], logits[:, :-1], atol=1e-5, rtol=0)
     assert worst < 1e-5, worst
@@ -133,7 +133,7 @@ def test_bad_input_gets_clear_errors(tiny, tiny_run):
     with pytest.raises(ValueError, match="built from a tensor, not a cache"):
         alone.decompose()
     with pytest.raises(ValueError, match="the add hook on 'blocks.1.hook_resid_mid'"):
-        tiny.run_with_hooks(tiny_run[0], fwd_hooks=[resid.stream.add("blocks.1.hook_resid_mid", torch.ones(8))])  # fmt: skip
+        tiny.run_with_hooks(tiny_run[0], fwd_hooks=[resid.core.stream.add("blocks.1.hook_resid_mid", torch.ones(8))])  # fmt: skip
     assert not any(hp.fns for hp in tiny.hook_dict.values())
 
 
@@ -165,5 +165,7 @@ def test_cache_device_and_dtype(tiny, tiny_run):
     assert half.nbytes == 6 * 3 * 17 * 64 * 2
     for name, t in half.items():
         torch.testing.assert_close(t.float(), full[name], atol=0.05, rtol=0.01)
-    _, meta = tiny.run_with_cache(tokens, names_filter=lambda n: "resid" in n, device="meta")
-    assert {t.device.type for t in meta.values()} == {"meta"}
+    with pytest.raises(ValueError, match="meta device"):
+        tiny.run_with_cache(tokens, device="meta")
+    with pytest.raises(TypeError, match="float dtype"):
+        tiny.run_with_cache(tokens, dtype=torch.int64)

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import resid
-from resid.compare import transformer_lens_bridge
+from resid.io.references import transformer_lens_bridge
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
@@ -17,6 +17,10 @@ def bridge_for(hf: GPT2LMHeadModel):
 
 
 def assert_sites_match(model: resid.Model, bridge, tokens, atol: float) -> dict[str, float]:
+    """Every shared site within ``atol + 1e-5 · max |reference|`` (resid.io.compare's fp32
+    tolerance); returns each site's max |Δ| over that bound. resid's activations come from
+    its SDPA forward, TransformerLens' from an explicit softmax: the two round differently,
+    as Hugging Face's own eager and sdpa paths do (6.8e-5 apart at GPT-2-small shapes)."""
     shared = [
         n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")
     ]
@@ -31,8 +35,9 @@ def assert_sites_match(model: resid.Model, bridge, tokens, atol: float) -> dict[
         assert a.shape == b.shape, name
         masked = b < -1e30  # TransformerLens masks scores with -inf or the float minimum
         assert torch.equal(a == float("-inf"), masked), name
-        worst[name] = (a[~masked] - b[~masked]).abs().max().item()
-    bad = {n: d for n, d in worst.items() if d > atol}
+        scale = b[~masked].abs().max().item()
+        worst[name] = (a[~masked] - b[~masked]).abs().max().item() / (atol + 1e-5 * scale)
+    bad = {n: d for n, d in worst.items() if d > 1}
     assert not bad, bad
     torch.testing.assert_close(logits, tl_logits, atol=atol, rtol=0)
     return worst
@@ -45,7 +50,6 @@ def test_every_shared_site_matches_tiny(tiny, tiny_hf, tokens):
 @pytest.mark.slow
 def test_every_shared_site_matches_gpt2_small_shapes(small, small_hf):
     """12 layers of scaled-up random weights amplify float32 rounding: the activations
-    there reach |x| ~ 30, so 1e-4 absolute is ~3e-6 relative."""
+    there reach |x| ~ 30."""
     tokens = small.to_tokens(["When Mary and John went to the store, John gave a drink to"])
-    worst = assert_sites_match(small, bridge_for(small_hf), tokens, atol=1e-4)
-    assert max(worst.values()) < 1e-4
+    assert_sites_match(small, bridge_for(small_hf), tokens, atol=1e-4)

@@ -14,10 +14,10 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resid.metrics import Metric, MetricFn
-from resid.model import Model
-from resid.patching import Source, Sweep, _as_metric, _check_tokens, _clean_acts
-from resid.suffix import Readout, hook_name
+from resid.core.model import Model
+from resid.interventions.engine import Readout, hook_name
+from resid.interventions.metrics import Metric, MetricFn
+from resid.interventions.patching import Source, Sweep, _as_metric, _check_tokens, _clean_acts
 
 Head = tuple[int, int]
 

@@ -24,7 +24,6 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,63 +31,14 @@ from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.stream import Site, locate
+from resid.core.labelled import Labelled
+from resid.core.names import Site, locate
 
 if TYPE_CHECKING:
-    from resid.cache import ActivationCache
-    from resid.model import Model
+    from resid.core.cache import ActivationCache
+    from resid.core.model import Model
 
-
-@dataclass(frozen=True)
-class Components:
-    """A labelled stack: ``components[i]`` is the part named ``labels[i]``.
-
-    For a decomposition the stack is ``[component, batch, pos, d_model]`` and ``sum()`` is
-    the stream; for an attribution it is ``[component, batch, pos]`` and ``sum()`` the logit.
-    """
-
-    labels: list[str]
-    components: Tensor
-    site: str | None = None
-
-    def __post_init__(self):
-        if len(self.labels) != self.components.shape[0]:
-            raise ValueError(f"{len(self.labels)} labels for {self.components.shape[0]} parts")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, label: str | int) -> Tensor:
-        if isinstance(label, int):
-            return self.components[label]
-        try:
-            return self.components[self.labels.index(label)]
-        except ValueError:
-            raise KeyError(
-                f"no part labelled {label!r}; labels are {self.labels[:6]}{'…' if len(self) > 6 else ''}"
-            ) from None
-
-    def sum(self) -> Tensor:
-        """The whole these parts add up to."""
-        return self.components.sum(0)
-
-    def query(self, v: Float[Tensor, " d_model"]) -> Components:
-        """Each part's dot product with ``v``: ``[component, batch, pos]``."""
-        from resid.stream import _query
-
-        return Components(self.labels, _query(self.components, v, "Components.query"), self.site)
-
-    def top(self, k: int = 10, batch: int = 0, pos: int = -1) -> list[tuple[str, float]]:
-        """The ``k`` biggest parts at one ``(batch, pos)`` as ``(label, value)``: scalar
-        parts (attributions) by absolute value, vector parts by norm."""
-        at = self.components[:, batch, pos]
-        value = at if at.dim() == 1 else at.norm(dim=-1)
-        idx = value.abs().topk(min(k, len(self))).indices.tolist()
-        return [(self.labels[i], value[i].item()) for i in idx]
-
-    def __repr__(self) -> str:
-        head = ", ".join(self.labels[:4]) + (", …" if len(self) > 4 else "")
-        return f"Components({len(self)} parts: {head}; shape={tuple(self.components.shape)})"
+Components = Labelled  # the name decompositions had before the one result type
 
 
 def _layers_in(site: Site) -> tuple[int, int]:
@@ -134,35 +84,6 @@ def decomposition_hooks(
     return names
 
 
-def require(cache: ActivationCache, names: list[str], needed_for: str, fix: str) -> None:
-    """Raise a KeyError naming the hooks ``needed_for`` needs that the cache lacks."""
-    missing = [n for n in names if n not in cache]
-    if missing:
-        shown = ", ".join(missing[:6]) + (
-            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        )
-        raise KeyError(
-            f"{needed_for} needs hooks this cache lacks: {shown}. Cache them with "
-            f"run_with_cache(..., names_filter={fix})"
-        )
-
-
-def head_results(cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
-    """What each head of ``layer`` writes: ``hook_result`` if cached, else ``z @ W_O``."""
-    name = f"blocks.{layer}.attn.hook_result"
-    if name in cache:
-        return cache[name]
-    require(
-        cache,
-        [f"blocks.{layer}.attn.hook_z"],
-        f"the head results of layer {layer}",
-        f"[..., 'blocks.{layer}.attn.hook_z']",
-    )
-    z = cache[f"blocks.{layer}.attn.hook_z"]
-    W_O = cache.model.blocks[layer].attn.W_O.detach().to(z)
-    return einsum(z, W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
-
-
 def contributions(
     cache: ActivationCache,
     layer: int | None = None,
@@ -170,7 +91,7 @@ def contributions(
     heads: bool = True,
     per_neuron: bool | Sequence[int] = False,
     direction: Float[Tensor, "batch d_model"] | None = None,
-) -> Components:
+) -> Labelled:
     """The decomposition of the stream at ``(layer, where)``; with ``direction``, each part's
     dot product with it instead (``[component, batch, pos]``), computed without building
     the per-head or per-neuron vectors."""
@@ -178,11 +99,10 @@ def contributions(
     site = locate(model.cfg.n_layers, layer, where)
     needed = decomposition_hooks(model, site.layer, site.where, heads, per_neuron)
     needed = [n for n in needed if not (n.endswith("hook_z") and n[:-1] + "result" in cache)]
-    require(
-        cache,
+    cache.require(
         needed,
         f"decomposing {site.name}",
-        f"resid.decompose.decomposition_hooks(model, {site.layer}, {site.where!r}"
+        f"resid.analysis.decompose.decomposition_hooks(model, {site.layer}, {site.where!r}"
         + (", heads=False" if not heads else "")
         + (f", per_neuron={per_neuron!r}" if per_neuron is not False else "")
         + ")",
@@ -213,7 +133,7 @@ def contributions(
                 labels += [f"L{lyr}H{h}" for h in range(model.cfg.n_heads)] + [f"L{lyr}.b_O"]
                 result = f"blocks.{lyr}.attn.hook_result"
                 if result in cache or direction is None:
-                    out = rearrange(head_results(cache, lyr), "b p head d -> head b p d")
+                    out = rearrange(cache.head_results(lyr), "b p head d -> head b p d")
                     parts.append(project(out))
                 else:  # z · (W_O · direction): never build the per-head vectors
                     W_Od = einsum(w(blk.attn.W_O), direction, "h e d, b d -> b h e")
@@ -233,4 +153,4 @@ def contributions(
                 W_outd = einsum(w(blk.mlp.W_out), direction, "m d, b d -> b m")
                 parts.append(einsum(post, W_outd, "b p m, b m -> m b p"))
             parts.append(bias(blk.mlp.b_out))
-    return Components(labels, torch.cat(parts), site.name)
+    return Labelled.stack(labels, torch.cat(parts), site.name)

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from resid.model import Input, Model
+    from resid.core.model import Input, Model
 
 
 def next_token_distribution(

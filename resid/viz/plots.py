@@ -23,10 +23,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from resid import detectors
+from resid.analysis import detectors
 
 if TYPE_CHECKING:
-    from resid.model import Model
+    from resid.core.model import Model
 
 COLORSCALE = "Viridis"
 WHITESPACE = {" ": "·", "\n": "⏎", "\t": "⇥", "\r": "␍"}

@@ -7,14 +7,14 @@ measure how far a metric moves back.
 >>> sweep(model, corrupted_tokens, clean_cache, metric, "resid_pre")  # Sweep [layer, pos]
 >>> sweep(model, corrupted_tokens, clean_cache, metric, "z", by_pos=False)  # [layer, head]
 
-A sweep computes only what a patch can change (``resid.suffix`` runs it): each cell starts
+A sweep computes only what a patch can change (``resid.interventions.engine`` runs it): each cell starts
 at its own layer from the corrupted residual stream, recomputes only the positions from the
 patched one on, and reads only the logits a declared metric (``metrics.Metric``) needs.
 Cells that share a position run together, one batched forward per chunk; a cell whose clean
 and corrupted activations are equal is the corrupted run, and is not run at all.
 
 ``attribution_patch`` is the first-order estimate of a whole sweep from one forward and
-one backward; path patching (Wang et al. 2022) is in ``resid.path_patching``.
+one backward; path patching (Wang et al. 2022) is in ``resid.interventions.path_patching``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resid.metrics import Metric, MetricFn
-from resid.model import Model
-from resid.suffix import HEAD_SITES, SITES, Cell, Engine, Readout, hook_name, scalar
+from resid.core.hooks import unknown_hook_error
+from resid.core.model import Model
+from resid.interventions.engine import HEAD_SITES, SITES, Cell, Engine, Readout, hook_name, scalar
+from resid.interventions.metrics import Metric, MetricFn
 
 Source = Mapping[str, Tensor] | Tensor
 
@@ -129,8 +130,6 @@ def patch(
     """
     tokens = _check_tokens(model, corrupted)
     if site not in model.hook_dict:
-        from resid.hooks import unknown_hook_error
-
         raise unknown_hook_error(site, model.hook_dict)
     pos_axis, head_axis = _axes(site)
     pos_mask = _index_mask(tokens.shape[1], pos, "position")

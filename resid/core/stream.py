@@ -30,52 +30,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.hooks import HookFn, HookPoint
+from resid.core.hooks import HookFn, HookPoint
+from resid.core.labelled import Labelled
+from resid.core.names import Where
 
 if TYPE_CHECKING:
-    from resid.cache import ActivationCache
-    from resid.decompose import Components
+    from resid.core.cache import ActivationCache
 
-Where = Literal["pre", "mid", "post", "final"]
 _SITE = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|mid|post)")
-
-
-class Site(NamedTuple):
-    """Where a stream lives: the hook name, the layer and which of the block's three
-    streams. The final stream (entering ``ln_final``) is ``blocks.{n_layers-1}.hook_resid_post``
-    with ``layer = n_layers`` and ``where = "final"``, as in TransformerLens' accumulated
-    residual."""
-
-    name: str
-    layer: int
-    where: Where
-
-
-def locate(n_layers: int, layer: int | None, where: str = "pre") -> Site:
-    """The site of ``(layer, where)``. ``layer`` may be negative (from the end); ``None``,
-    ``where="final"`` or ``(n_layers, "pre")`` mean the final stream."""
-    if where not in ("pre", "mid", "post", "final"):
-        raise ValueError(f"where must be 'pre', 'mid', 'post' or 'final', not {where!r}")
-    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
-        raise TypeError(f"layer must be an int, not {type(layer).__name__}")
-    final = Site(f"blocks.{n_layers - 1}.hook_resid_post", n_layers, "final")
-    if layer is None or where == "final" or (layer == n_layers and where == "pre"):
-        if layer not in (None, n_layers, -1) and where == "final":
-            raise ValueError(f"the final stream has layer {n_layers} (or None), not {layer}")
-        return final
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(
-            f"layer {layer} is out of range: this model has {n_layers} layers "
-            f"(0 to {n_layers - 1}, or {n_layers} with where='pre' for the final stream)"
-        )
-    layer %= n_layers
-    return Site(f"blocks.{layer}.hook_resid_{where}", layer, where)
 
 
 def _direction(v: Tensor, d_model: int, what: str) -> Tensor:
@@ -250,7 +218,7 @@ class ResidualStream:
             updates=(*self._updates, (label, v.expand_as(self.tensor))),
         )
 
-    def decompose(self, heads: bool = True, per_neuron: bool | list[int] = False) -> Components:
+    def decompose(self, heads: bool = True, per_neuron: bool | list[int] = False) -> Labelled:
         """The named contributions that sum to this stream; see
         ``ActivationCache.decompose_resid``. Updates made with ``update()`` come last."""
         if self.cache is None:
@@ -258,8 +226,6 @@ class ResidualStream:
                 f"this stream at {self.site} was built from a tensor, not a cache, so its parts "
                 "are unknown: get it with cache.stream(layer, where) to decompose it"
             )
-        from resid.decompose import Components
-
         parts = self.cache.decompose_resid(
             self.layer, self.where, heads=heads, per_neuron=per_neuron
         )
@@ -267,7 +233,9 @@ class ResidualStream:
             return parts
         labels, extra = zip(*self._updates, strict=True)
         extra = torch.stack(extra).to(parts.components)
-        return Components([*parts.labels, *labels], torch.cat([parts.components, extra]), self.site)
+        return Labelled.stack(
+            [*parts.labels, *labels], torch.cat([parts.components, extra]), self.site
+        )
 
     def __repr__(self) -> str:
         return f"ResidualStream({self.site}, where={self.where!r}, shape={tuple(self.shape)})"

@@ -9,7 +9,7 @@ right-multiplication convention stated in ``resid/model.py`` (activations are ro
     output  = pattern (x W_V + b_V) W_O               =  pattern x OV + b_V W_O
 
 where ``QK = W_Q W_Kᵀ`` and ``OV = W_V W_O`` are d_model × d_model matrices of rank
-d_head, kept factored (``resid.factored.FactoredMatrix``). ``b_V W_O`` is added whole
+d_head, kept factored (``resid.core.factored.FactoredMatrix``). ``b_V W_O`` is added whole
 because each pattern row sums to 1; ``b_O`` belongs to the layer, not to a head.
 
 The *full* circuits read and write tokens: ``full_ov = W_E OV W_U`` (source token →
@@ -31,11 +31,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from resid.factored import FactoredMatrix
+from resid.core.factored import FactoredMatrix
 
 if TYPE_CHECKING:
-    from resid.cache import ActivationCache
-    from resid.model import Model
+    from resid.core.cache import ActivationCache
+    from resid.core.model import Model
 
 
 class Head:

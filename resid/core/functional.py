@@ -2,7 +2,7 @@
 
 They are the textbook formulas, for working examples by hand, notebooks and tests. The
 ``Model`` computes the same things with hook points in between (its tests check it against
-these). Right multiplication throughout, as in ``resid.model``: ``x @ W``.
+these). Right multiplication throughout, as in ``resid.core.model``: ``x @ W``.
 
 >>> E = torch.tensor([[1, 3, 3, 5], [2.84, 3.99, 4, 6]])
 >>> attention(E, W_Q, W_K, W_V, scale=1 / 30, causal=False)   # one head, seed 003's numbers

@@ -20,7 +20,7 @@ eigenvalues. The score is ``Σλ / Σ|λ|`` in [-1, 1] over those eigenvalues, t
 d_head × d_head core ``W_O W_U W_E W_V`` (same nonzero eigenvalues: cyclic permutation).
 
 Attention-pattern detectors (previous-token, duplicate-token, induction) live in
-``resid.detectors``.
+``resid.analysis.detectors``.
 
 >>> k_comp = composition_scores(model, "K")   # [layer, head, layer, head]
 >>> k_comp[0, 1, 1, 4]                        # head 0.1's OV into head 1.4's keys
@@ -36,11 +36,11 @@ from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.factored import FactoredMatrix
+from resid.core.factored import FactoredMatrix
 
 if TYPE_CHECKING:
-    from resid.head import Head
-    from resid.model import Model
+    from resid.core.head import Head
+    from resid.core.model import Model
 
 Mode = Literal["Q", "K", "V"]
 

@@ -25,23 +25,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.decompose import Components, contributions, require
+from resid.analysis.decompose import contributions
+from resid.core.labelled import Labelled
 
 if TYPE_CHECKING:
-    from resid.cache import ActivationCache
-    from resid.model import Model
+    from resid.core.cache import ActivationCache
+    from resid.core.model import Model
 
 Target = int | str | tuple | list | Tensor
 
 
 def apply_ln_final(model: Model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """``ln_final`` recomputed on ``x`` (its own mean and scale), gain and bias included."""
-    ln = model.ln_final
-    return F.layer_norm(x, x.shape[-1:], ln.w.detach().to(x), ln.b.detach().to(x), ln.eps)
+    return model.ln_final.plain(x)
 
 
 def accumulated_resid(
@@ -70,7 +69,7 @@ def accumulated_resid(
         if incl_mid and lyr < layer:
             names.append(f"blocks.{lyr}.hook_resid_mid")
             labels.append(f"{lyr}_mid")
-    require(cache, names, "accumulated_resid", f"{names!r}")
+    cache.require(names, "accumulated_resid", f"{names!r}")
     stack = torch.stack([cache[name] for name in names])
     if apply_ln:
         stack = apply_ln_final(cache.model, stack)
@@ -140,10 +139,9 @@ def final_scale(cache: ActivationCache) -> Float[Tensor, "batch pos 1"]:
     if "ln_final.hook_scale" in cache:
         return cache["ln_final.hook_scale"]
     final = f"blocks.{cache.model.cfg.n_layers - 1}.hook_resid_post"
-    require(cache, [final], "ln_final's scale", f"[..., 'ln_final.hook_scale' or '{final}']")
+    cache.require([final], "ln_final's scale", f"[..., 'ln_final.hook_scale' or '{final}']")
     x = cache[final]
-    centred = x.float() - x.float().mean(-1, keepdim=True)
-    return (centred.pow(2).mean(-1, keepdim=True) + cache.model.ln_final.eps).sqrt().to(x.dtype)
+    return cache.model.ln_final.scale(x).to(x.dtype)
 
 
 def logit_attribution(
@@ -151,7 +149,7 @@ def logit_attribution(
     target: Target,
     heads: bool = True,
     per_neuron: bool | Sequence[int] = False,
-) -> Components:
+) -> Labelled:
     """Direct logit attribution: each part of the final stream's contribution to a token's
     logit, a logit difference, or the output along any direction -- ``[component, batch, pos]``,
     one value per position (index ``pos`` yourself; ``.top(k, batch, pos)`` ranks them).
@@ -176,4 +174,4 @@ def logit_attribution(
     )
     values = parts.components / final_scale(cache)[None, ..., 0]
     b_term = (u @ model.ln_final.b.detach().to(ref))[None, :, None].expand(1, *values.shape[1:])
-    return Components([*parts.labels, "ln_final.b"], torch.cat([values, b_term]), parts.site)
+    return Labelled.stack([*parts.labels, "ln_final.b"], torch.cat([values, b_term]), parts.site)

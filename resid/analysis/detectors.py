@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from resid.model import Model
+    from resid.core.model import Model
 
 Pattern = Float[Tensor, "batch head query_pos key_pos"]
 

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.stream import ResidualStream, State
+from resid.core.cache import ActivationCache
+from resid.core.stream import ResidualStream, State
 
 if TYPE_CHECKING:
-    from resid.cache import ActivationCache
-    from resid.model import Model
+    from resid.core.model import Model
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,6 @@ class Neuron:
         return f"blocks.{self.layer}.hook_resid_mid"
 
     def _resid_mid(self, x: ResidualStream | State | ActivationCache | Tensor) -> Tensor:
-        from resid.cache import ActivationCache
-
         if isinstance(x, ActivationCache):
             return x[self.site]
         if isinstance(x, (ResidualStream, State)):
@@ -113,7 +110,7 @@ class Neuron:
         x = self._resid_mid(x)
         normalised = self._block.ln2.plain(x)
         pre = normalised @ self.read.to(x) + self.bias.to(x)  # query the normalised state
-        out = F.gelu(pre, approximate=self._block.mlp.approximate)
+        out = self._block.mlp.act(pre)
         return out.item() if out.dim() == 0 else out
 
     def output(

@@ -1,0 +1,205 @@
+"""Hook points: named places in the forward pass where a function may read or replace
+an activation, and where a backward hook sees its gradient.
+
+A forward hook is ``fn(activation, hook) -> activation | None``, as in TransformerLens:
+return ``None`` to only look, or return a tensor of the same shape, dtype and device to
+replace the activation (editing it in place works too). A backward hook is
+``fn(grad, hook) -> grad | None`` and sees ``d output / d activation``. ``hook.name`` is
+the site's full name, e.g. ``blocks.3.attn.hook_pattern``.
+
+Observing never changes the result. A hook point hands back the very tensor it was given
+when no hook replaced it or wrote into it (the tensor's version counter tells), and the
+model then keeps its fast kernels: what a cache or a read-only hook sees is computed
+beside the forward pass, never instead of it.
+
+Hooks belong to the caller's context. They are kept in a ``contextvars.ContextVar``, so
+hooks attached in one thread (or asyncio task) are invisible to another thread using the
+same model at the same time. They are attached for the length of one ``with`` block (or
+one ``run_with_hooks`` call) and removed afterwards by identity, even when the forward
+raises. A backward hook is tied to the graph of the forward it was attached for, so
+``loss.backward()`` after ``run_with_hooks`` returns still runs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
+NameFilter = Callable[[str], bool]
+Hooks = Iterable[tuple["str | NameFilter | Iterable[str]", HookFn]]
+
+# (hook point, "fwd" | "bwd") -> the functions attached in this context, in order
+_Attached = Mapping[tuple["HookPoint", str], tuple[HookFn, ...]]
+_ATTACHED: ContextVar[_Attached] = ContextVar("resid_hooks", default=MappingProxyType({}))
+
+
+def _describe(fn: HookFn) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"hook {name!r}"
+
+
+class HookPoint(nn.Module):
+    """An identity on the forward pass that runs whatever hooks the caller's context
+    attached to it.
+
+    ``copy=True`` gives hooks a copy of the activation (for sites that are views of a
+    larger tensor, like ``hook_q``, so that editing them in place works under autograd).
+    """
+
+    def __init__(self, copy: bool = False) -> None:
+        super().__init__()
+        self.name: str = ""
+        self.copy = copy
+
+    @property
+    def fns(self) -> tuple[HookFn, ...]:
+        """The forward hooks attached to this site in the current context."""
+        return _ATTACHED.get().get((self, "fwd"), ())
+
+    @property
+    def bwd_fns(self) -> tuple[HookFn, ...]:
+        return _ATTACHED.get().get((self, "bwd"), ())
+
+    @property
+    def active(self) -> bool:
+        """True when some forward hook will see this site."""
+        return (self, "fwd") in _ATTACHED.get()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attached = _ATTACHED.get()
+        fns = attached.get((self, "fwd"), ())
+        out = self._run(x, fns) if fns else x
+        bwd = attached.get((self, "bwd"), ())
+        if bwd and out.requires_grad:
+            out.register_hook(partial(self._run_bwd, bwd))
+        return out
+
+    def _run(self, x: torch.Tensor, fns: tuple[HookFn, ...]) -> torch.Tensor:
+        """Run the hooks; return ``x`` itself unless one of them changed the value."""
+        seen = x.clone() if self.copy else x
+        try:
+            version, snapshot = seen._version, None
+        except RuntimeError:  # inference tensors keep no version counter: compare values
+            version, snapshot = None, seen.clone()
+        out = seen
+        for fn in fns:
+            new = fn(out, self)
+            if new is not None:
+                self._check(fn, new, x)
+                out = new
+        if out is seen:
+            unchanged = (
+                seen._version == version if snapshot is None else torch.equal(seen, snapshot)
+            )
+            if unchanged:
+                return x
+        return out
+
+    def _check(self, fn: HookFn, new: object, x: torch.Tensor) -> None:
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(
+                f"{_describe(fn)} on '{self.name}' returned {type(new).__name__}: return a tensor "
+                f"of shape {tuple(x.shape)}, or None to leave the activation as it is"
+            )
+        for what, got, want in (
+            ("shape", tuple(new.shape), tuple(x.shape)),
+            ("dtype", new.dtype, x.dtype),
+            ("device", new.device, x.device),
+        ):
+            if got != want:
+                raise ValueError(
+                    f"{_describe(fn)} on '{self.name}' returned a tensor of {what} {got}, but the "
+                    f"activation there has {what} {want}: return one like the activation "
+                    f"(e.g. out.to(act)), or None to leave it"
+                )
+
+    def _run_bwd(self, fns: tuple[HookFn, ...], grad: torch.Tensor) -> torch.Tensor | None:
+        out = grad
+        for fn in fns:
+            new = fn(out, self)
+            if new is not None:
+                self._check(fn, new, grad)
+                out = new
+        return None if out is grad else out
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def unknown_hook_error(name: str, valid: Iterable[str]) -> KeyError:
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return KeyError(f"no hook point named '{name}'.{hint} `model.hook_names` lists every site.")
+
+
+def resolve(
+    hook_points: dict[str, HookPoint], name_or_filter: str | NameFilter | Iterable[str]
+) -> list[HookPoint]:
+    """The hook points a name, a list of names, or a filter function picks out."""
+    if isinstance(name_or_filter, str):
+        if name_or_filter not in hook_points:
+            raise unknown_hook_error(name_or_filter, hook_points)
+        return [hook_points[name_or_filter]]
+    if callable(name_or_filter):
+        return [hp for name, hp in hook_points.items() if name_or_filter(name)]
+    names = list(name_or_filter)
+    for name in names:
+        if not isinstance(name, str) or name not in hook_points:
+            raise unknown_hook_error(str(name), hook_points)
+    return [hook_points[n] for n in names]
+
+
+def _plan(hook_points: dict[str, HookPoint], pairs: Hooks, kind: str) -> list:
+    plan = []
+    for name_or_filter, fn in pairs:
+        if not callable(fn):
+            raise TypeError(f"the {kind} hook for {name_or_filter!r} is {fn!r}, not a function")
+        plan += [((hp, kind), fn) for hp in resolve(hook_points, name_or_filter)]
+    return plan
+
+
+@contextmanager
+def attached(
+    hook_points: dict[str, HookPoint], fwd_hooks: Hooks = (), bwd_hooks: Hooks = ()
+) -> Iterator[None]:
+    """Attach ``(name_or_filter, fn)`` pairs in the current context for the length of the
+    block, then detach exactly those functions (by identity).
+
+    Every name is checked before anything is attached, so a bad name leaves no hook behind.
+    """
+    plan = _plan(hook_points, fwd_hooks, "fwd") + _plan(hook_points, bwd_hooks, "bwd")
+    table = dict(_ATTACHED.get())
+    for key, fn in plan:
+        table[key] = (*table.get(key, ()), fn)
+    _ATTACHED.set(MappingProxyType(table))
+    try:
+        yield
+    finally:
+        table = dict(_ATTACHED.get())
+        for key, fn in reversed(plan):
+            fns = list(table.get(key, ()))
+            for i in range(len(fns) - 1, -1, -1):
+                if fns[i] is fn:
+                    del fns[i]
+                    break
+            if fns:
+                table[key] = tuple(fns)
+            else:
+                table.pop(key, None)
+        _ATTACHED.set(MappingProxyType(table))
+
+
+def any_attached(hook_points: Iterable[HookPoint]) -> list[str]:
+    """The names of the given sites that have forward or backward hooks in this context."""
+    table = _ATTACHED.get()
+    if not table:
+        return []
+    return sorted({hp.name for hp in hook_points if (hp, "fwd") in table or (hp, "bwd") in table})

@@ -1,0 +1,2 @@
+"""Files and references: loading and saving checkpoints, the reference implementations,
+parity reports."""

@@ -1,0 +1,1 @@
+"""Pictures: per-head attention figures and offline pages."""
