@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from einops import einsum
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from resid.core.hooks import unknown_hook_error
@@ -24,9 +24,15 @@ if TYPE_CHECKING:
 
 
 class ActivationCache(Mapping[str, Tensor]):
-    def __init__(self, store: dict[str, Tensor], model: Model):
+    def __init__(
+        self,
+        store: dict[str, Tensor],
+        model: Model,
+        attention_mask: Bool[Tensor, "batch pos"] | None = None,
+    ):
         self._store = store
         self.model = model
+        self.attention_mask = attention_mask  # True at real tokens; None: no padding
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._store:

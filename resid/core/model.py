@@ -306,7 +306,9 @@ class Model(nn.Module):
         pass a filter, to get it). The output is exactly ``model(input)``'s: what is
         cached is computed beside the forward pass. ``device`` and ``dtype`` say where and
         how the cache keeps its tensors (patterns and scales are fp32 unless ``dtype`` is
-        given). ``incl_bwd=True`` also calls ``backward()`` on the output (which must be a
+        given). With padding, ``cache.attention_mask`` marks the real tokens; activations at
+        padding positions are left as computed, and resid's statistics exclude them.
+        ``incl_bwd=True`` also calls ``backward()`` on the output (which must be a
         scalar, e.g. ``return_type="loss"``) and caches each site's gradient as
         ``"{name}_grad"``, as TransformerLens does.
 
@@ -330,6 +332,14 @@ class Model(nn.Module):
 
         selected = [(hp.name, save) for hp in hooks.resolve(self.hook_dict, names_filter)]
         bwd = [(name, save_grad) for name, _ in selected] if incl_bwd else []
+        mask = None
+        if forward_kwargs.get("start_at_layer") is None:
+            input, mask = self.prepare(
+                input,
+                forward_kwargs.pop("attention_mask", None),
+                forward_kwargs.pop("padding_side", None),
+            )
+            forward_kwargs["attention_mask"] = mask
         with torch.enable_grad() if incl_bwd else nullcontext(), self.hooks(selected, bwd):
             out = self(input, **forward_kwargs)
             if incl_bwd:
@@ -339,7 +349,7 @@ class Model(nn.Module):
                         "pass return_type='loss'"
                     )
                 out.backward()
-        return out, self.cache_type(store, self)
+        return out, self.cache_type(store, self, attention_mask=mask)
 
     # ---- tokens --------------------------------------------------------------------
 
