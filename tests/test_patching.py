@@ -358,5 +358,115 @@ def test_attribution_tracks_real_patching(tiny, prompts, clean_cache, metric):
 def test_hook_name_and_sweep_labels(tiny, prompts, clean_cache, metric):
     assert hook_name("z", 1) == "blocks.1.attn.hook_z" in tiny.hook_dict
     result = sweep(tiny, prompts[1], clean_cache, metric, "out", by_pos=False, progress=False)
-    assert result.axes == ("layer", "head") and result.labels("head") == ["H0", "H1", "H2", "H3"]
+    assert result.axes == ("layer", "head") and result.labels_of("head") == ["H0", "H1", "H2", "H3"]
     assert set(result.argmax()) == {"layer", "head"}
+
+
+# ---- hooks attached around a tool, and padded batches -----------------------------------
+
+
+def ablate_head(layer: int, head: int):
+    def hook(z, h):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    return f"blocks.{layer}.attn.hook_z", hook
+
+
+def one_forward_per_cell(model, corrupted, clean, metric, site):
+    """The reference: one forward per cell with a patch hook, under whatever hooks are
+    attached around it; ``[layer, pos]``, or ``[layer, pos, head]`` for ``z``."""
+    _, cache = model.run_with_cache(clean)
+    L, T, H = model.cfg.n_layers, corrupted.shape[1], model.cfg.n_heads
+    heads = range(H) if site == "z" else [None]
+    out = torch.empty(L, T, len(heads))
+    for layer in range(L):
+        name = hook_name(site, layer)
+        for p in range(T):
+            for j, h in enumerate(heads):
+
+                def put(act, hook, p=p, h=h, name=name):
+                    act = act.clone()
+                    at = (slice(None), p) if h is None else (slice(None), p, h)
+                    act[at] = cache[name][at]
+                    return act
+
+                with torch.no_grad():
+                    logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, put)])
+                out[layer, p, j] = metric(logits)
+    return out if site == "z" else out[..., 0]
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_sweep_honours_enclosing_hooks(tiny, prompts, metric, site):
+    clean, corrupted = prompts
+    with tiny.hooks([ablate_head(0, 1)]):
+        result = sweep(tiny, corrupted, clean, metric, site, progress=False)
+        reference = one_forward_per_cell(tiny, corrupted, clean, metric, site)
+    assert torch.equal(result.values, reference)
+    plain = sweep(tiny, corrupted, clean, metric, site, progress=False)
+    assert (plain.values - reference).abs().max() > 1e-3  # the hook mattered
+    assert no_hooks_left(tiny)
+
+
+def test_path_patching_refuses_enclosing_hooks(tiny, prompts, clean_cache, metric):
+    with tiny.hooks([ablate_head(0, 1)]):
+        with pytest.raises(RuntimeError, match="path patching"):
+            path_patch_sweep(tiny, prompts[1], clean_cache, metric, progress=False)
+    assert no_hooks_left(tiny)
+
+
+def test_attribution_honours_enclosing_hooks(tiny, prompts, metric):
+    """logits = normalized · w + b through W_U: linear in ln_final.hook_normalized, so the
+    attribution estimate there is exact, also under an enclosing ablation."""
+    clean, corrupted = prompts
+    site = "ln_final.hook_normalized"
+    with tiny.hooks([ablate_head(1, 2)]):
+        est = attribution_patch(tiny, corrupted, clean, metric, site)
+        _, cache = tiny.run_with_cache(clean, names_filter=[site])
+        real = torch.stack(
+            [patch(tiny, corrupted, site, cache, pos=p, metric=metric) for p in range(6)]
+        )
+        plain = attribution_patch(tiny, corrupted, clean, metric, site)
+    torch.testing.assert_close(est.values, real, atol=1e-4, rtol=0)
+    assert est.axes == ("pos",)
+    assert torch.equal(plain.values, est.values)  # the same forward under the same hook
+    unhooked = attribution_patch(tiny, corrupted, clean, metric, site)
+    assert (unhooked.values - est.values).abs().max() > 1e-3
+    assert no_hooks_left(tiny)
+
+
+def test_attribution_on_a_head_site_keeps_the_head_axis(tiny, prompts, clean_cache, metric):
+    est = attribution_patch(tiny, prompts[1], clean_cache, metric, "blocks.1.attn.hook_z")
+    assert est.axes == ("pos", "head") and est.values.shape == (6, 4)
+    best = est.argmax()
+    assert est.values[best["pos"], best["head"]] == est.values.max()
+    pattern = attribution_patch(tiny, prompts[1], clean_cache, metric, "blocks.1.attn.hook_pattern")
+    assert pattern.axes == ("head", "pos") and pattern.values.shape == (4, 6)
+
+
+def test_padded_sweep_is_the_mean_of_per_prompt_sweeps(tiny):
+    """Right-padded prompts of lengths 6 and 4: each cell of the batched sweep is the mean
+    of the two prompts' own sweeps (a patch at a padding position changes nothing there)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = (6, 4)
+    clean = torch.randint(0, 50257, (2, 6), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 1] = torch.randint(0, 50257, (2,), generator=g)
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths], dtype=torch.bool)
+    clean[~mask] = corrupted[~mask] = 50256
+    m = metrics.logit_diff(ANSWER[:2], WRONG[:2], pos=-1)
+    batched = sweep(tiny, corrupted, clean, m, "resid_pre", attention_mask=mask, progress=False)
+    per_prompt = []
+    for i, n in enumerate(lengths):
+        mi = metrics.logit_diff(ANSWER[i : i + 1], WRONG[i : i + 1], pos=-1)
+        alone = sweep(
+            tiny, corrupted[i : i + 1, :n], clean[i : i + 1, :n], mi, "resid_pre", progress=False
+        )
+        padded = torch.full((2, 6), alone.baseline)
+        padded[:, :n] = alone.values
+        per_prompt.append(padded)
+    torch.testing.assert_close(
+        batched.values, (per_prompt[0] + per_prompt[1]) / 2, atol=1e-5, rtol=0
+    )

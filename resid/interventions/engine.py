@@ -60,9 +60,11 @@ class Readout:
     """Evaluates the metric on ``n`` patched copies of the batch, computing only the logits
     it declares (all of them for a plain function of logits)."""
 
-    def __init__(self, model: Model, metric: Metric, batch: int, n_pos: int):
+    def __init__(
+        self, model: Model, metric: Metric, batch: int, n_pos: int, mask: Tensor | None = None
+    ):
         self.model, self.metric, self.batch = model, metric, batch
-        self.pos = metric.positions(batch, n_pos)
+        self.pos = metric.positions(batch, n_pos, attention_mask=mask)
         tokens = metric.token_ids(batch)
         self.W_sel = None if tokens is None else model.W_E[tokens.to(model.device)]  # [b, k, d]
         # causal: positions after the last one read never matter
@@ -127,9 +129,18 @@ class Engine:
     with the corrupted run's keys and values for the earlier positions as a frozen KV
     store. An edit inside attention (q, k, v, pattern) is a hook on the copies' rows."""
 
-    def __init__(self, model: Model, site: str, corr: dict, clean: dict, readout: Readout):
+    def __init__(
+        self,
+        model: Model,
+        site: str,
+        corr: dict,
+        clean: dict,
+        readout: Readout,
+        mask: Tensor | None = None,
+    ):
         self.model, self.site, self.corr, self.clean = model, site, corr, clean
         self.readout = readout
+        self.keys = None if mask is None else mask[:, : readout.n_pos]  # real keys per prompt
         self.stage = SITES[site][1]
         self.L = model.cfg.n_layers
         self.b = readout.batch
@@ -171,8 +182,9 @@ class Engine:
             frozen=True,
         )
         block = self.model.blocks[layer]
+        mask = Mask(start, None if self.keys is None else self.keys.repeat(reps, 1))
         if edit is None:
-            return block.attend(x, Mask(offset=start), kv if start else None)
+            return block.attend(x, mask, kv if start else None)
         clean = self.clean[hook_name(self.site, layer)]
         clean = (
             clean[:, :, start:, : x.shape[1] + start]
@@ -185,7 +197,7 @@ class Engine:
             return torch.where(edit, clean.to(act), act).flatten(0, 1)
 
         with self.model.hooks([(hook_name(self.site, layer), replace)]):
-            return block.attend(x, Mask(offset=start), kv if start else None)
+            return block.attend(x, mask, kv if start else None)
 
     def run(self, cells: list[Cell], start: int) -> dict[int, Tensor]:
         """The metric of each cell (all sharing ``start``; by ``id``), in one batched pass.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
@@ -29,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resid.core.hooks import unknown_hook_error
+from resid.core.labelled import Labelled, correlation  # noqa: F401 - resid.patching.correlation
 from resid.core.model import Model
 from resid.interventions.engine import HEAD_SITES, SITES, Cell, Engine, Readout, hook_name, scalar
 from resid.interventions.metrics import Metric, MetricFn
@@ -58,9 +58,10 @@ def _check_tokens(model: Model, tokens: Tensor) -> Int[Tensor, "batch pos"]:
 
 
 def _clean_acts(
-    model: Model, clean: Source, names: list[str], shape: torch.Size
+    model: Model, clean: Source, names: list[str], shape: torch.Size, mask: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """The clean activations at ``names``, from a cache or by running clean tokens."""
+    """The clean activations at ``names``, from a cache or by running clean tokens (with
+    the corrupted run's attention mask: patching pairs positions one to one)."""
     if isinstance(clean, Tensor):
         clean = _check_tokens(model, clean)
         if clean.shape != shape:
@@ -69,7 +70,7 @@ def _clean_acts(
                 "different shapes: patching pairs prompts and positions one to one"
             )
         with torch.no_grad():
-            _, clean = model.run_with_cache(clean, names_filter=names)
+            _, clean = model.run_with_cache(clean, names_filter=names, attention_mask=mask)
     out = {}
     for name in names:
         if name not in clean:
@@ -82,7 +83,8 @@ def _clean_acts(
                 f"clean and corrupted batches have different shapes: clean '{name}' is "
                 f"{tuple(act.shape)}, the corrupted tokens {tuple(shape)}; pair them one to one"
             )
-        out[name] = act.to(model.device, model.dtype)
+        scores = name.endswith(("hook_pattern", "hook_attn_scores"))  # fp32 in every model
+        out[name] = act.to(model.device, torch.float32 if scores else model.dtype)
     return out
 
 
@@ -120,15 +122,17 @@ def patch(
     head: int | Sequence[int] | None = None,
     dims: int | None = None,
     metric: Metric | MetricFn | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Run ``corrupted`` with the activation at hook ``site`` replaced by ``source``'s (a
     cache, or a tensor of the activation's shape), optionally only at positions ``pos``,
     heads ``head`` and the first ``dims`` entries of the last axis. Returns the metric, or
-    the logits when no metric is given.
+    the logits when no metric is given. Hooks attached around it apply too.
 
     >>> patch(model, corrupted, "blocks.0.attn.hook_z", clean_cache, pos=-1, head=[2, 5], metric=m)
     """
     tokens = _check_tokens(model, corrupted)
+    mask = model.check_mask(attention_mask, tokens.shape)
     if site not in model.hook_dict:
         raise unknown_hook_error(site, model.hook_dict)
     pos_axis, head_axis = _axes(site)
@@ -157,47 +161,14 @@ def patch(
         return torch.where(mask.to(act.device), src.to(act), act)
 
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(site, replace)])
-    return logits if metric is None else scalar(metric(logits))
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(site, replace)], attention_mask=mask)
+    return logits if metric is None else evaluate(_as_metric(metric), logits, mask)
 
 
 # ---- the result of a sweep -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """A metric per patched cell: ``values`` with named ``axes`` (``"layer"``, ``"pos"``,
-    ``"head"``), the ``site`` patched, and ``baseline``, the unpatched corrupted metric.
-
-    >>> result.values.shape, result.axes        # torch.Size([12, 16]), ("layer", "pos")
-    >>> result.labels("layer")                  # ["L0", "L1", ...]
-    """
-
-    values: Tensor
-    axes: tuple[str, ...]
-    site: str
-    baseline: float
-
-    def labels(self, axis: str) -> list[str]:
-        prefix = {"layer": "L", "head": "H", "pos": ""}[axis]
-        return [f"{prefix}{i}" for i in range(self.values.shape[self.axes.index(axis)])]
-
-    def argmax(self) -> dict[str, int]:
-        """The cell with the largest value, by axis name."""
-        flat = int(self.values.argmax())
-        idx = torch.unravel_index(torch.tensor(flat), self.values.shape)
-        return {a: int(i) for a, i in zip(self.axes, idx, strict=True)}
-
-    def __repr__(self) -> str:
-        shape = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape, strict=True))
-        return f"Sweep({self.site}: {shape}; baseline={self.baseline:.4g})"
-
-
-def correlation(a: Sweep | Tensor, b: Sweep | Tensor) -> float:
-    """Pearson correlation between the cells of two sweeps (e.g. attribution vs real)."""
-    x, y = (t.values if isinstance(t, Sweep) else t for t in (a, b))
-    x, y = x.flatten().double(), y.flatten().double()
-    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+Sweep = Labelled  # a sweep is a Labelled result: values [layer, pos(, head)], site, baseline
 
 
 # ---- sweeps --------------------------------------------------------------------------
@@ -238,10 +209,11 @@ def sweep(
     site: str = "resid_pre",
     *,
     by_pos: bool = True,
+    attention_mask: Tensor | None = None,
     chunk_cells: int | None = None,
     max_memory: float = 1e9,
     progress: bool = True,
-) -> Sweep:
+) -> Labelled:
     """Patch every cell of ``site`` (every layer × position, or × head) from ``clean`` (a
     cache or clean tokens) into the corrupted run, one metric per cell.
 
@@ -250,32 +222,48 @@ def sweep(
     head]`` (``[layer, head]`` with ``by_pos=False``: all positions at once); ``pattern`` ->
     ``[layer, head, pos]`` (destination position) or ``[layer, head]``. Axes match
     TransformerLens' ``patching.get_act_patch_*``. ``chunk_cells`` cells run per batched
-    forward (default: as many as fit in ``max_memory`` bytes).
+    forward (default: as many as fit in ``max_memory`` bytes). ``attention_mask`` marks the
+    real tokens of a padded batch (a declared metric's ``pos=-1`` is then each row's last
+    real token).
+
+    Hooks the caller attached around the sweep (``with model.hooks(...)``) apply to every
+    run, as to a one-forward-per-cell loop; the sweep then runs exactly that loop (one full
+    forward per cell that can change anything), since the batched engine's forwards cover
+    only part of each run.
 
     >>> result = sweep(model, corrupted, clean_cache, metrics.logit_diff(a, w), "resid_pre")
     >>> result.values.shape                      # [n_layers, pos]
     """
     site = _site(site)
     tokens = _check_tokens(model, corrupted)
+    mask = model.check_mask(attention_mask, tokens.shape)
     metric = _as_metric(metric)
     cfg, (b, T) = model.cfg, tokens.shape
-    readout = Readout(model, metric, b, T)
+    enclosing = bool(model.attached_hooks())
+    readout = Readout(model, metric, b, T, mask)
+    if enclosing:
+        readout.n_pos = T
     Te = readout.n_pos
     names = [hook_name(site, layer) for layer in range(cfg.n_layers)]
-    clean_acts = _clean_acts(model, clean, names, tokens.shape)
+    clean_acts = _clean_acts(model, clean, names, tokens.shape, mask)
     corr_names = {
         hook_name(s, layer) for layer in range(cfg.n_layers) for s in ("resid_pre", "k", "v")
     }
     corr_names |= {hook_name("resid_mid", layer) for layer in range(cfg.n_layers)}
     corr_names |= set(names) | {hook_name("resid_post", cfg.n_layers - 1)}
     with torch.no_grad():
-        corr_logits, corr = model.run_with_cache(tokens[:, :Te], names_filter=sorted(corr_names))
+        corr_logits, corr = model.run_with_cache(
+            tokens[:, :Te],
+            names_filter=sorted(corr_names),
+            attention_mask=None if mask is None else mask[:, :Te],
+        )
         corr = dict(corr.items())
         for name in names:
             a = clean_acts[name]
             clean_acts[name] = a[:, :, :Te, :Te] if site == "pattern" else a[:, :Te]
         readout.prepare(corr[hook_name("resid_post", cfg.n_layers - 1)], corr_logits)
-        baseline = readout.baseline()
+        # under enclosing hooks every value is a plain forward's metric, the baseline too
+        baseline = evaluate(metric, corr_logits, mask) if enclosing else readout.baseline()
 
         axes, cells = _cells(site, by_pos, cfg.n_layers, T, cfg.n_heads)
         differs = [_differs(site, clean_acts[n], corr[n]).cpu() for n in names]
@@ -288,7 +276,13 @@ def sweep(
             if len(positions):  # otherwise the patch changes nothing: the corrupted run
                 cell.mask, cell.start = m, int(positions.min())
                 groups.setdefault(cell.start, []).append(cell)
-        engine = Engine(model, site, corr, clean_acts, readout)
+        if enclosing:
+            for cell in (c for group in groups.values() for c in group):
+                values[cell.index] = _one_forward(
+                    model, tokens, mask, site, cell, clean_acts, metric
+                )
+            return Labelled(values, axes, site=site, baseline=float(baseline))
+        engine = Engine(model, site, corr, clean_acts, readout, mask)
         per_cell = b * Te * (8 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_heads * Te)
         if readout.pos is None:
             per_cell += b * Te * (cfg.d_vocab if readout.W_sel is None else readout.W_sel.shape[1])
@@ -304,7 +298,33 @@ def sweep(
                     values[c.index] = out[id(c)]
                 bar.update(len(part))
         bar.close()
-    return Sweep(values, axes, site, float(baseline))
+    return Labelled(values, axes, site=site, baseline=float(baseline))
+
+
+def _one_forward(model, tokens, mask, site: str, cell: Cell, clean_acts: dict, metric) -> Tensor:
+    """One cell as a plain forward with a patching hook (under whatever hooks the caller
+    attached): the reference the batched engine reproduces."""
+    name = hook_name(site, cell.layer)
+    m = cell.mask.to(model.device)
+    if site == "pattern":
+        m = m[None, :, :, None]  # [1, head, dest, 1]
+    elif site in HEAD_SITES:
+        m = m[None, :, :, None]  # [1, pos, head, 1]
+    else:
+        m = m[None, :, None]  # [1, pos, 1]
+    clean = clean_acts[name]
+
+    def replace(act: Tensor, hook) -> Tensor:
+        return torch.where(m, clean.to(act), act)
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(name, replace)], attention_mask=mask)
+    return evaluate(metric, logits, mask)
+
+
+def evaluate(metric: Metric, logits: Tensor, mask: Tensor | None) -> Tensor:
+    """The metric of a run's logits, as a float scalar; a declared metric reads each row's
+    real positions under ``mask``."""
+    return scalar(metric(logits, attention_mask=mask))
 
 
 def _sizes(axes: tuple[str, ...], cfg, T: int) -> list[int]:
@@ -322,25 +342,29 @@ def attribution_patch(
     site: str = "resid_pre",
     *,
     by_pos: bool = True,
-) -> Sweep:
+    attention_mask: Tensor | None = None,
+) -> Labelled:
     """The first-order estimate of ``sweep(...)``: for every cell, the corrupted metric plus
     ``grad · (clean - corrupted)`` summed over the cell's entries, from one forward and one
-    backward of the corrupted run. ``site`` is a sweep site or any ``[batch, pos, ...]``
-    hook name (then one cell per position).
+    backward of the corrupted run (under any hooks attached around it). ``site`` is a sweep
+    site (``[layer, ...]`` out) or any hook name: ``[pos]`` for the stream's sites,
+    ``[pos, head]`` for per-head ones, ``[head, pos]`` for the pattern (``by_pos=False``
+    sums the positions).
 
     >>> est = attribution_patch(model, corrupted, clean_cache, metric, "resid_pre")
     >>> correlation(est, sweep(model, corrupted, clean_cache, metric, "resid_pre"))
     """
     tokens = _check_tokens(model, corrupted)
+    mask = model.check_mask(attention_mask, tokens.shape)
     metric = _as_metric(metric)
     L = model.cfg.n_layers
     if site in model.hook_dict:
-        names, axes = [site], ("pos",)
+        names, axes = [site], _hook_axes(site, by_pos)
     else:
         site = _site(site)
         names = [hook_name(site, layer) for layer in range(L)]
-        axes, _ = _cells(site, by_pos, 1, 1, 1)
-    clean_acts = _clean_acts(model, clean, names, tokens.shape)
+        axes = ("layer", *_hook_axes(names[0], by_pos))
+    clean_acts = _clean_acts(model, clean, names, tokens.shape, mask)
     acts, deltas = {}, {}
 
     def nudge(act: Tensor, hook) -> Tensor:  # d metric / d delta = d metric / d act
@@ -349,15 +373,19 @@ def attribution_patch(
         return act + deltas[hook.name]
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(n, nudge) for n in names])
-        value = torch.as_tensor(metric(logits))
+        logits = model.run_with_hooks(
+            tokens, fwd_hooks=[(n, nudge) for n in names], attention_mask=mask
+        )
+        value = torch.as_tensor(metric(logits, attention_mask=mask))
         baseline = scalar(value)
         grads = torch.autograd.grad(value, [deltas[n] for n in names], allow_unused=True)
     per_layer = []
     for name, grad in zip(names, grads, strict=True):
         grad = torch.zeros_like(acts[name]) if grad is None else grad
-        prod = (grad * (clean_acts[name] - acts[name])).float()
-        if name.endswith("hook_pattern"):  # [b, head, dest, src] -> [head, dest]
+        prod = (grad * (clean_acts[name].to(grad) - acts[name])).float()
+        if name.endswith(
+            ("hook_pattern", "hook_attn_scores")
+        ):  # [b, head, dest, src] -> [head, dest]
             est = prod.sum((0, 3))
             est = est if by_pos else est.sum(1)
         elif _axes(name)[1] is not None:  # [b, pos, head, e] -> [pos, head]
@@ -365,9 +393,19 @@ def attribution_patch(
             est = est if by_pos else est.sum(0)
         else:  # [b, pos, ...] -> [pos]
             est = prod.sum(0).flatten(1).sum(1)
+            est = est if by_pos else est.sum(0)
         per_layer.append(est)
-    values = per_layer[0] if axes == ("pos",) else torch.stack(per_layer)
-    return Sweep(values.cpu() + baseline, axes, site, float(baseline))
+    values = per_layer[0] if axes[0] != "layer" else torch.stack(per_layer)
+    return Labelled(values.cpu() + baseline, axes, site=site, baseline=float(baseline))
+
+
+def _hook_axes(name: str, by_pos: bool) -> tuple[str, ...]:
+    """The axes ``attribution_patch`` gives one hook's estimate."""
+    if name.endswith(("hook_pattern", "hook_attn_scores")):
+        return ("head", "pos") if by_pos else ("head",)
+    if _axes(name)[1] is not None:
+        return ("pos", "head") if by_pos else ("head",)
+    return ("pos",) if by_pos else ()
 
 
 # ---- path patching ---------------------------------------------------------------------

@@ -14,10 +14,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from resid.core.labelled import Labelled
 from resid.core.model import Model
 from resid.interventions.engine import Readout, hook_name
 from resid.interventions.metrics import Metric, MetricFn
-from resid.interventions.patching import Source, Sweep, _as_metric, _check_tokens, _clean_acts
+from resid.interventions.patching import Source, _as_metric, _check_tokens, _clean_acts
 
 Head = tuple[int, int]
 
@@ -91,6 +92,14 @@ def _path_values(
 
 
 def _path_setup(model, corrupted, clean, metric, receivers, inputs):
+    attached = model.attached_hooks()
+    if attached:
+        raise RuntimeError(
+            f"path patching freezes every head to the clean or corrupted run, so hooks attached "
+            f"around it ({', '.join(attached[:3])}{', …' if len(attached) > 3 else ''}) have no "
+            "single meaning there: run it outside `with model.hooks(...)`, or fold the edit "
+            "into the clean and corrupted caches you pass"
+        )
     tokens = _check_tokens(model, corrupted)
     metric = _as_metric(metric)
     L = model.cfg.n_layers
@@ -160,7 +169,7 @@ def path_patch_sweep(
     freeze_mlps: bool = False,
     chunk_cells: int = 16,
     progress: bool = True,
-) -> Sweep:
+) -> Labelled:
     """``path_patch`` with each head alone as the sender: a ``[layer, head]`` Sweep. Heads
     that cannot reach a receiver (at or after its layer) get the corrupted metric.
 
@@ -183,4 +192,6 @@ def path_patch_sweep(
             args = (tokens, clean_acts, corr, readout, send, recv, receiver_input, freeze_mlps)
             for c, v in zip(part, _path_values(model, *args), strict=True):
                 values[c] = v
-    return Sweep(values, ("layer", "head"), f"path {receiver_input}", float(baseline))
+    return Labelled(
+        values, ("layer", "head"), site=f"path {receiver_input}", baseline=float(baseline)
+    )
