@@ -50,4 +50,4 @@ def test_repeated_tokens_and_model_scores(tiny):
     torch.testing.assert_close(
         scores["bos"][1], cache["blocks.1.attn.hook_pattern"][..., 0].mean((0, 2))
     )
-    assert all(((s >= 0) & (s <= 1 + 1e-6)).all() for s in scores.values())
+    assert all(((s.values >= 0) & (s.values <= 1 + 1e-6)).all() for s in scores.values())

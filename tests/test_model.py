@@ -108,13 +108,6 @@ def test_greedy_generation_matches_transformers(tiny, tiny_hf):
     assert text == tiny.to_string(ref[0, 1:])
 
 
-def test_generate_refuses_prompts_of_different_lengths(tiny):
-    with pytest.raises(ValueError, match="one at a time"):
-        tiny.generate(["Hello world", "Hi"], 3, temperature=0)
-    same = tiny.generate(["Hello world", "Hi there"], 3, temperature=0)
-    assert same[0] == tiny.generate("Hello world", 3, temperature=0)
-
-
 def test_sampling_is_seeded_and_top_k_restricts(tiny):
     prompt = tiny.to_tokens("Once upon a time")
     a = tiny.generate(prompt, 8, temperature=1.0, seed=1)

@@ -9,9 +9,15 @@ positions where the pattern is defined:
 - ``induction``: the mass on positions just after an earlier copy of token ``q``
   (attend to ``k`` where ``tokens[k - 1] == tokens[q]``, ``k <= q``) -- Olsson et al. 2022.
 
+Padding never counts: with an ``attention_mask`` positions are counted over each prompt's
+real tokens (``q - 1`` is the previous real token, position 0 its first real token),
+padding queries are not scored and padding keys are never a duplicate or a BOS. A padded
+batch scores exactly as its prompts run alone, pooled over their scored queries.
+
 >>> tokens = repeated_tokens(batch=4, seq_len=20, d_vocab=model.cfg.d_vocab)
 >>> scores = head_scores(model, tokens)
->>> scores["induction"].shape          # [n_layers, n_heads]
+>>> scores["induction"].values.shape          # [n_layers, n_heads]: a Labelled
+>>> head_scores(model, ["Hi", "The cat sat. The cat sat."])   # padded and masked for you
 """
 
 from __future__ import annotations
@@ -19,67 +25,182 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from resid.core.labelled import Labelled
+
 if TYPE_CHECKING:
+    from resid.core.cache import ActivationCache
     from resid.core.model import Model
 
 Pattern = Float[Tensor, "batch head query_pos key_pos"]
+Mask = Bool[Tensor, "batch pos"]
+Where = Bool[Tensor, "batch query_pos key_pos"]
+
+SCORES = ("previous_token", "bos", "duplicate_token", "induction")
 
 
-def _masked_mean(pattern: Pattern, where: Tensor) -> Float[Tensor, " head"]:
-    """Mean over (batch, query) of the attention mass on the keys ``where`` marks.
+def _real(tokens_or_pattern: Tensor, attention_mask: Tensor | None) -> tuple[Mask, Tensor]:
+    """(real, rank): which positions are real tokens, and each one's index among them (the
+    position it would have in its prompt run alone)."""
+    batch, n = tokens_or_pattern.shape[0], tokens_or_pattern.shape[-1]
+    device = tokens_or_pattern.device
+    if attention_mask is None:
+        real = torch.ones(batch, n, dtype=torch.bool, device=device)
+    else:
+        real = torch.as_tensor(attention_mask).to(device).bool()
+        if tuple(real.shape) != (batch, n):
+            raise ValueError(
+                f"attention_mask has shape {tuple(real.shape)}, the pattern covers {(batch, n)} "
+                "(batch, pos): give the mask of the run the pattern came from"
+            )
+    return real, real.long().cumsum(1) - 1
 
-    ``where`` is ``[batch, query_pos, key_pos]``; queries with no marked key are left out."""
+
+def _pairs(real: Mask) -> Where:
+    """``[batch, query, key]``: both are real tokens and the key is not after the query."""
+    n = real.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
+    return real[:, :, None] & real[:, None, :] & causal
+
+
+def _mass(pattern: Pattern, where: Where) -> tuple[Float[Tensor, "batch head"], Tensor]:
+    """Per prompt: the summed attention mass on the keys ``where`` marks over the queries
+    with at least one marked key, and the number of such queries ``[batch]``."""
     mass = (pattern * where[:, None].to(pattern.dtype)).sum(-1)  # [batch, head, query]
-    defined = where.any(-1)[:, None].expand_as(mass)
-    return (mass * defined).sum((0, 2)) / defined.sum((0, 2)).clamp(min=1)
+    defined = where.any(-1)  # [batch, query]
+    return (mass * defined[:, None].to(mass.dtype)).sum(-1), defined.sum(-1)
 
 
-def previous_token_score(pattern: Pattern) -> Float[Tensor, " head"]:
-    q = pattern.shape[-1]
-    where = torch.eye(q, dtype=torch.bool, device=pattern.device).roll(-1, dims=1).tril(-1)
-    return _masked_mean(pattern, where.expand(pattern.shape[0], q, q))
+def _pooled(mass: Float[Tensor, "batch head"], count: Tensor) -> Float[Tensor, " head"]:
+    """The mean over every scored (prompt, query) pair: per-prompt scores weighted by their
+    number of scored queries."""
+    return mass.sum(0) / count.sum().clamp(min=1).to(mass.dtype)
 
 
-def bos_score(pattern: Pattern) -> Float[Tensor, " head"]:
-    return pattern[..., 0].mean((0, 2))
+def _where_previous(real: Mask, rank: Tensor) -> Where:
+    return _pairs(real) & (rank[:, None, :] == rank[:, :, None] - 1)
+
+
+def _where_bos(real: Mask, rank: Tensor) -> Where:
+    return _pairs(real) & (rank[:, None, :] == 0)
+
+
+def _where_duplicate(real: Mask, tokens: Tensor) -> Where:
+    same = tokens[:, :, None] == tokens[:, None, :]
+    return _pairs(real) & same & ~torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+
+
+def _where_induction(real: Mask, tokens: Tensor) -> Where:
+    """Key ``k`` follows an earlier copy of the query's token: the real token before ``k``
+    (padding skipped) equals ``tokens[q]``."""
+    n = real.shape[1]
+    idx = torch.arange(n, device=real.device).expand_as(real)
+    last_real = torch.where(real, idx, torch.full_like(idx, -1)).cummax(1).values
+    before = torch.cat([last_real.new_full((real.shape[0], 1), -1), last_real[:, :-1]], 1)
+    prev_token = tokens.gather(1, before.clamp(min=0))  # token of the real position before k
+    copy = (prev_token[:, None, :] == tokens[:, :, None]) & (before >= 0)[:, None, :]
+    return _pairs(real) & copy
+
+
+def previous_token_score(
+    pattern: Pattern, attention_mask: Mask | None = None
+) -> Float[Tensor, " head"]:
+    """Mass on the previous (real) token, averaged over the real queries that have one.
+
+    >>> previous_token_score(cache["blocks.0.attn.hook_pattern"], cache.attention_mask)
+    """
+    real, rank = _real(pattern, attention_mask)
+    return _pooled(*_mass(pattern, _where_previous(real, rank)))
+
+
+def bos_score(pattern: Pattern, attention_mask: Mask | None = None) -> Float[Tensor, " head"]:
+    """Mass on each prompt's first real token (position 0 unpadded, where BOS goes),
+    averaged over the real queries; padding is never counted as BOS.
+
+    >>> bos_score(cache["blocks.0.attn.hook_pattern"], cache.attention_mask)
+    """
+    real, rank = _real(pattern, attention_mask)
+    return _pooled(*_mass(pattern, _where_bos(real, rank)))
 
 
 def duplicate_token_score(
-    pattern: Pattern, tokens: Int[Tensor, "batch pos"]
+    pattern: Pattern, tokens: Int[Tensor, "batch pos"], attention_mask: Mask | None = None
 ) -> Float[Tensor, " head"]:
-    same = tokens[:, :, None] == tokens[:, None, :]  # [batch, query, key]
-    return _masked_mean(pattern, same.tril(-1))
+    """Mass on earlier real tokens equal to the query's, over the queries that have one
+    (padding is never a duplicate, even where its id is a real token's).
+
+    >>> duplicate_token_score(pattern, tokens, attention_mask=mask)
+    """
+    real, _ = _real(tokens, attention_mask)
+    return _pooled(*_mass(pattern, _where_duplicate(real, tokens.to(pattern.device))))
 
 
-def induction_score(pattern: Pattern, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, " head"]:
-    after_copy = torch.zeros_like(tokens[:, :, None] == tokens[:, None, :])
-    after_copy[:, :, 1:] = tokens[:, :, None] == tokens[:, None, :-1]  # tokens[k-1] == tokens[q]
-    return _masked_mean(pattern, after_copy.tril(0))
+def induction_score(
+    pattern: Pattern, tokens: Int[Tensor, "batch pos"], attention_mask: Mask | None = None
+) -> Float[Tensor, " head"]:
+    """Mass on the tokens right after an earlier copy of the query's token, over the
+    queries that have one.
+
+    >>> induction_score(pattern, tokens, attention_mask=mask)
+    """
+    real, _ = _real(tokens, attention_mask)
+    return _pooled(*_mass(pattern, _where_induction(real, tokens.to(pattern.device))))
 
 
 @torch.no_grad()
 def head_scores(
-    model: Model, tokens: Int[Tensor, "batch pos"]
-) -> dict[str, Float[Tensor, "layer head"]]:
-    """Every detector's score for every head of ``model`` on ``tokens``."""
-    tokens = model.tokens(tokens)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-    rows: dict[str, list[Tensor]] = {
-        "previous_token": [],
-        "bos": [],
-        "duplicate_token": [],
-        "induction": [],
+    model: Model,
+    tokens: Int[Tensor, "batch pos"] | str | list[str],
+    attention_mask: Mask | Tensor | None = None,
+    cache: ActivationCache | None = None,
+    per_prompt: bool = False,
+) -> dict[str, Labelled]:
+    """Every detector's score for every head: ``Labelled`` with axes ``("layer", "head")``.
+
+    ``tokens`` are token ids (with their ``attention_mask``) or strings (padded and masked
+    for you). Padding is left out of every statistic: a padded batch scores exactly as its
+    prompts would run alone. The batch's score pools every scored (prompt, query) pair, so
+    it is the mean of the per-prompt scores weighted by each prompt's number of scored
+    queries (the same as an unpadded batch). ``per_prompt=True`` gives each prompt's own
+    score instead, axes ``("batch", "layer", "head")`` (0 where a prompt has no query the
+    pattern is defined for). Patterns come from ``cache`` (and the mask from
+    ``cache.attention_mask``) when given, else from a run here.
+
+    >>> scores = head_scores(model, ["The cat sat. The cat", "Hello"])
+    >>> scores["induction"].values.shape          # [n_layers, n_heads]
+    >>> scores["previous_token"].top(3)
+    """
+    tokens, mask = model.prepare(tokens, attention_mask)
+    if cache is None:
+        _, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("hook_pattern"), attention_mask=mask
+        )
+    elif attention_mask is None:
+        mask = cache.attention_mask
+    real, rank = _real(tokens, mask)
+    tokens = tokens.to(real.device)
+    wheres = {
+        "previous_token": _where_previous(real, rank),
+        "bos": _where_bos(real, rank),
+        "duplicate_token": _where_duplicate(real, tokens),
+        "induction": _where_induction(real, tokens),
     }
+    rows: dict[str, list[Tensor]] = {name: [] for name in SCORES}
     for layer in range(model.cfg.n_layers):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"].float()
-        rows["previous_token"].append(previous_token_score(p))
-        rows["bos"].append(bos_score(p))
-        rows["duplicate_token"].append(duplicate_token_score(p, tokens))
-        rows["induction"].append(induction_score(p, tokens))
-    return {name: torch.stack(r) for name, r in rows.items()}
+        p = cache[f"blocks.{layer}.attn.hook_pattern"].float().to(real.device)
+        for name in SCORES:
+            mass, count = _mass(p, wheres[name])
+            if per_prompt:
+                rows[name].append(mass / count.clamp(min=1)[:, None].to(mass.dtype))
+            else:
+                rows[name].append(_pooled(mass, count))
+    axes = ("batch", "layer", "head") if per_prompt else ("layer", "head")
+    dim = 1 if per_prompt else 0
+    return {
+        name: Labelled(torch.stack(r, dim), axes, site=f"{name} score") for name, r in rows.items()
+    }
 
 
 def repeated_tokens(
