@@ -39,7 +39,7 @@ from resid.core.names import act_name
 from resid.core.neuron import Neuron
 from resid.core.stream import ResidualStream, State
 from resid.core.tokenizer import Tokenizer
-from resid.interventions import engine, metrics, patching, path_patching
+from resid.interventions import engine, metrics, patching, path_patching, sae
 from resid.io import compare, loading, references
 from resid.io.loading import CheckpointError, load, save
 from resid.viz import attention_pages, plots
@@ -51,7 +51,7 @@ Model.cache_type = AnalysisCache
 for _module in (
     cache, config, factored, functional, generation, head, hooks, kv_cache, labelled, layers,
     model, names, neuron, stream, tokenizer, circuits, decompose, detectors, lens, engine,
-    metrics, patching, path_patching, compare, loading, references, attention_pages, plots,
+    metrics, patching, path_patching, sae, compare, loading, references, attention_pages, plots,
 ):  # fmt: skip
     sys.modules.setdefault(f"resid.{_module.__name__.rsplit('.', 1)[1]}", _module)
 sys.modules.setdefault("resid.suffix", engine)

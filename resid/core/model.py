@@ -17,9 +17,10 @@ positions after earlier ones without recomputing them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Literal
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,26 @@ from resid.core.neuron import Neuron
 from resid.core.tokenizer import Tokenizer
 
 Input = str | list[str] | Tensor
+_SPLICE_LOCK = threading.Lock()  # hook_dict is replaced, never edited, under this lock
+
+
+@runtime_checkable
+class Spliceable(Protocol):
+    """What ``Model.saes`` splices in (``resid.sae.SAE`` is one): a module that replaces
+    the activation at ``hook_name`` and brings hook points of its own.
+
+    ``hook_points()`` maps suffixes (``"sae.hook_acts"``) to its HookPoints, addressed as
+    ``f"{hook_name}.{suffix}"`` while spliced; ``check_fits(model)`` raises a clear error
+    when it cannot run at its site of this model; ``splice_hook(use_error_term)`` is the
+    forward hook that does the replacing."""
+
+    hook_name: str
+
+    def hook_points(self) -> Mapping[str, HookPoint]: ...
+
+    def check_fits(self, model: Model) -> None: ...
+
+    def splice_hook(self, use_error_term: bool) -> hooks.HookFn: ...
 
 
 def _stacked(module: str, name: str, shape: str) -> property:
@@ -272,6 +293,82 @@ class Model(nn.Module):
         """The sites with hooks attached in the caller's context (by an enclosing
         ``with model.hooks(...)``)."""
         return hooks.any_attached(self.hook_dict.values())
+
+    @contextmanager
+    def saes(
+        self, modules: Spliceable | Iterable[Spliceable], use_error_term: bool = True
+    ) -> Iterator[Model]:
+        """Splice SAEs in for the length of a ``with`` block, in this thread or task only:
+        each replaces the activation at its hook site with its reconstruction, plus the
+        error term (activation - reconstruction) unless ``use_error_term=False``, so by
+        default the logits do not change. While spliced, each SAE's hook points are sites
+        like any other (``blocks.6.hook_resid_pre.sae.hook_acts``): hooks, the cache,
+        patching and attribution address them by name. Every SAE is checked against the
+        model before anything is attached; on exit (even on error) nothing stays spliced.
+
+        Hooks attached to the SAE's site *outside* this block run before the SAE (they see
+        and may edit what it encodes); hooks attached inside run after it.
+
+        >>> with model.saes([sae]):
+        ...     logits, cache = model.run_with_cache(tokens)
+        >>> cache["blocks.6.hook_resid_pre.sae.hook_acts"].shape   # [batch, pos, d_sae]
+        """
+        modules = [modules] if isinstance(modules, Spliceable) else list(modules)
+        points: dict[str, HookPoint] = {}
+        fwd = []
+        for m in modules:
+            if not isinstance(m, Spliceable):
+                raise TypeError(f"model.saes takes SAEs (resid.sae.SAE), not {type(m).__name__}")
+            site = m.hook_name
+            if site not in self.hook_dict:
+                err = hooks.unknown_hook_error(site, self.hook_dict)
+                raise KeyError(
+                    f"{m!r} is for the site '{site}', which this model lacks: {err.args[0]}"
+                )
+            m.check_fits(self)
+            for suffix, hp in m.hook_points().items():
+                name = f"{site}.{suffix}"
+                if name in self.hook_dict or name in points:
+                    raise ValueError(
+                        f"'{name}' is already spliced: splice one SAE per site at a time"
+                    )
+                points[name] = hp
+            fwd.append((site, m.splice_hook(use_error_term)))
+        with ExitStack() as stack:
+            stack.enter_context(self._extra_hook_points(points))
+            stack.enter_context(hooks.attached(self.hook_dict, fwd))
+            yield self
+
+    def run_with_saes(
+        self,
+        input: Input,
+        saes: Spliceable | Iterable[Spliceable],
+        use_error_term: bool = True,
+        **forward_kwargs,
+    ):
+        """One forward with ``saes`` spliced in (see ``saes``); as SAELens'
+        ``HookedSAETransformer.run_with_saes``, but keeping the error term by default.
+
+        >>> logits = model.run_with_saes(tokens, [sae], use_error_term=False)
+        """
+        with self.saes(saes, use_error_term):
+            return self(input, **forward_kwargs)
+
+    @contextmanager
+    def _extra_hook_points(self, points: Mapping[str, HookPoint]) -> Iterator[None]:
+        """Address ``points`` by name in ``hook_dict`` for the block, then remove exactly
+        them (by identity). The dict is replaced, not edited, so a reader never sees it
+        change mid-iteration."""
+        with _SPLICE_LOCK:
+            for name, hp in points.items():
+                hp.name = name
+            self.hook_dict = {**self.hook_dict, **points}
+        try:
+            yield
+        finally:
+            with _SPLICE_LOCK:
+                ours = {id(hp) for hp in points.values()}
+                self.hook_dict = {n: hp for n, hp in self.hook_dict.items() if id(hp) not in ours}
 
     def run_with_hooks(
         self,
