@@ -204,10 +204,15 @@ def test_unknown_model_name():
 
 
 def test_not_gpt2_config(tiny_dir, tmp_path):
-    cfg = json.loads((tiny_dir / "config.json").read_text()) | {"model_type": "llama"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    """An unsupported architecture is refused naming what is supported; GPT-2 weights under a
+    supported family's config are refused naming the keys that do not fit."""
+    cfg = json.loads((tiny_dir / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match="'llama' checkpoint"):
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="not an architecture resid supports.*LlamaForCausalLM"):
+        resid.load(tmp_path, device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="missing keys.*embed_tokens.weight"):
         resid.load(tmp_path, device="cpu")
 
 

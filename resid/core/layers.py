@@ -16,17 +16,18 @@ same modules.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from resid.core.config import Config
 from resid.core.hooks import HookPoint
+from resid.core.rotary import Rotary
 
 _MIN_ROWS = 16
 
@@ -48,9 +49,16 @@ def affine(
     return out[:n].view(*x.shape[:-1], W.shape[1])
 
 
+def through(value: Tensor, path: Tensor) -> Tensor:
+    """``value``, exactly, with the gradient of ``path`` (a recomputation of the same value
+    through hooked sites): how a backward hook on a site computed beside the fused kernels
+    (a pattern, a scale) sees the output's gradient without changing the output."""
+    return value.detach() + (path - path.detach())
+
+
 @dataclass(frozen=True)
 class Mask:
-    """Which keys the queries of one forward may attend to.
+    """Which keys the queries of one forward may attend to, and the queries' positions.
 
     ``offset`` is the position of the first query in the whole sequence (the length of a
     KV cache before it); ``keys`` marks the real (non-padding) keys, past and new, per row
@@ -64,12 +72,25 @@ class Mask:
     def causal_only(self) -> bool:
         return self.offset == 0 and self.keys is None
 
-    def allowed(self, n_q: int, n_k: int, device: torch.device) -> Bool[Tensor, "batch 1 q k"]:
-        """``allowed[b, 0, i, j]``: query ``i`` may read key ``j``. Every query may read
-        itself, so a padding query attends somewhere and never yields NaN."""
+    def positions(self, n_q: int, device: torch.device) -> Int[Tensor, "*batch pos"]:
+        """The position of each new query: its index, or with padding the number of real
+        tokens before it in its row (Hugging Face's ``position_ids``)."""
+        if self.keys is None:
+            return torch.arange(self.offset, self.offset + n_q, device=device)
+        return (self.keys.long().cumsum(1) - 1).clamp(min=0)[:, -n_q:].to(device)
+
+    def allowed(
+        self, n_q: int, n_k: int, device: torch.device, window: int | None = None
+    ) -> Bool[Tensor, "batch 1 q k"]:
+        """``allowed[b, 0, i, j]``: query ``i`` may read key ``j`` (within ``window``
+        positions of it, if given). Every query may read itself, so a padding query attends
+        somewhere and never yields NaN."""
         q = torch.arange(self.offset, self.offset + n_q, device=device)[:, None]
         k = torch.arange(n_k, device=device)[None]
-        allowed = (k <= q)[None, None]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        allowed = allowed[None, None]
         if self.keys is not None:
             allowed = (allowed & self.keys[:, None, None, :].to(device)) | (k == q)
         return allowed
@@ -85,7 +106,7 @@ class LayerNorm(nn.Module):
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
-        self.hook_scale = HookPoint()  # [batch, pos, 1], fp32
+        self.hook_scale = HookPoint(copy=True)  # [batch, pos, 1], fp32
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
@@ -94,10 +115,12 @@ class LayerNorm(nn.Module):
             return out
         centred = x.float() - x.float().mean(-1, keepdim=True)
         scale = self.scale(x)
-        scale_seen = self.hook_scale(scale)
+        scale_seen, scale_changed = self.hook_scale.see(scale)
         normalized = (centred / scale_seen).to(x.dtype)
-        normalized_seen = self.hook_normalized(normalized)
-        if scale_seen is scale and normalized_seen is normalized:
+        normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
+        if not (scale_changed or normalized_changed):
+            if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
+                return through(out, normalized_seen * self.w + self.b)
             return out  # only observed
         return normalized_seen * self.w + self.b
 
@@ -113,55 +136,118 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.w.shape, self.w.to(x), self.b.to(x), self.eps)
 
 
-class Attention(nn.Module):
-    """Each head is four linear maps: W_Q, W_K, W_V read the stream, W_O writes to it.
-
-    The three reading maps of every head live in one fused matrix (GPT-2's ``c_attn``);
-    ``W_Q``, ``W_K``, ``W_V`` and their biases are per-head views of it.
-    """
+class RMSNorm(nn.Module):
+    """``normalized * w`` with ``normalized = x / scale`` and ``scale = sqrt(mean(x²) + eps)``
+    (Llama's norm: no centring, no bias), computed in fp32 as Hugging Face does.
+    ``hook_scale`` and ``hook_normalized`` are computed beside it, as in ``LayerNorm``."""
 
     def __init__(self, cfg: Config):
         super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.hook_scale = HookPoint(copy=True)  # [batch, pos, 1], fp32
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        out = self.plain(x)
+        if not (self.hook_scale.active or self.hook_normalized.active):
+            return out
+        scale = self.scale(x)
+        scale_seen = self.hook_scale(scale)
+        normalized = (x.float() / scale_seen).to(x.dtype)
+        normalized_seen = self.hook_normalized(normalized)
+        if scale_seen is scale and normalized_seen is normalized:
+            if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
+                return through(out, normalized_seen * self.w)
+            return out  # only observed
+        return normalized_seen * self.w
+
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
+        """``sqrt(mean(x²) + eps)`` in fp32: the number each state is divided by."""
+        return (x.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """This RMSNorm with no hook points, in ``x``'s dtype (the scale in fp32)."""
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.w.to(x) * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+def norm(cfg: Config) -> LayerNorm | RMSNorm:
+    """The normalisation ``cfg`` names."""
+    return RMSNorm(cfg) if cfg.normalization == "RMS" else LayerNorm(cfg)
+
+
+class Attention(nn.Module):
+    """Each head is four linear maps: W_Q, W_K, W_V read the stream, W_O writes to it.
+
+    The reading maps of every head live in one fused matrix (GPT-2's ``c_attn``), queries
+    first, then keys, then values; ``W_Q``, ``W_K``, ``W_V`` and their biases are per-head
+    views of it. With grouped-query attention (``n_kv_heads < n_heads``) each key/value
+    head serves ``n_heads / n_kv_heads`` consecutive query heads: ``W_K``/``W_V`` are then
+    ``[n_kv_heads, d_model, d_head]``, and ``hook_k``/``hook_v`` have ``n_kv_heads`` heads.
+    Rotary models rotate q and k by position after ``hook_q``/``hook_k``
+    (``hook_rot_q``/``hook_rot_k`` see the result).
+    """
+
+    def __init__(self, cfg: Config, layer: int = 0):
+        super().__init__()
         self.cfg = cfg
-        d, h, e = cfg.d_model, cfg.n_heads, cfg.d_head
-        self.W_QKV = nn.Parameter(torch.empty(d, 3 * h * e))
-        self.b_QKV = nn.Parameter(torch.zeros(3 * h * e))
+        d, h, kv, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+        self.window = cfg.window(layer)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else e**-0.5
+        self.W_QKV = nn.Parameter(torch.empty(d, (h + 2 * kv) * e))
+        self.b_QKV = nn.Parameter(torch.zeros((h + 2 * kv) * e))
         self.W_O = nn.Parameter(torch.empty(h, e, d))
         self.b_O = nn.Parameter(torch.zeros(d))
+        self.rotary = Rotary(cfg) if cfg.positional == "rotary" else None
         self.hook_q = HookPoint(copy=True)  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint(copy=True)
+        self.hook_k = HookPoint(copy=True)  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint(copy=True)
+        if self.rotary is not None:
+            self.hook_rot_q = HookPoint(copy=True)  # q and k after rotation
+            self.hook_rot_k = HookPoint(copy=True)
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], fp32, -inf masked
-        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos], fp32
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        # copies: in-place edits must not touch tensors autograd saved (softmax's, SDPA's)
+        self.hook_pattern = HookPoint(copy=True)  # [batch, head, query_pos, key_pos], fp32
+        self.hook_z = HookPoint(copy=True)  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]
 
-    def _split(self, t: Tensor, i: int) -> Tensor:
-        return rearrange(t, "... (three h e) -> three ... h e", three=3, h=self.cfg.n_heads)[i]
+    def _part(self, t: Tensor, i: int) -> Tensor:
+        """Queries (0), keys (1) or values (2) of a fused ``[..., (h + 2 kv) e]`` tensor,
+        as ``[..., heads, d_head]`` views."""
+        h, kv, e = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.d_head
+        sizes = (h * e, kv * e, kv * e)
+        start = sum(sizes[:i])
+        part = t[..., start : start + sizes[i]]
+        return part.unflatten(-1, (-1, e))
 
     @property
     def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
-        return rearrange(self._split(self.W_QKV, 0), "d h e -> h d e")
+        return rearrange(self._part(self.W_QKV, 0), "d h e -> h d e")
 
     @property
-    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
-        return rearrange(self._split(self.W_QKV, 1), "d h e -> h d e")
+    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return rearrange(self._part(self.W_QKV, 1), "d h e -> h d e")
 
     @property
-    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
-        return rearrange(self._split(self.W_QKV, 2), "d h e -> h d e")
+    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return rearrange(self._part(self.W_QKV, 2), "d h e -> h d e")
 
     @property
     def b_Q(self) -> Float[Tensor, "head d_head"]:
-        return self._split(self.b_QKV, 0)
+        return self._part(self.b_QKV, 0)
 
     @property
-    def b_K(self) -> Float[Tensor, "head d_head"]:
-        return self._split(self.b_QKV, 1)
+    def b_K(self) -> Float[Tensor, "kv_head d_head"]:
+        return self._part(self.b_QKV, 1)
 
     @property
-    def b_V(self) -> Float[Tensor, "head d_head"]:
-        return self._split(self.b_QKV, 2)
+    def b_V(self) -> Float[Tensor, "kv_head d_head"]:
+        return self._part(self.b_QKV, 2)
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head query head ``head`` reads through (itself without GQA)."""
+        return head // (self.cfg.n_heads // self.cfg.kv_heads)
 
     def forward(
         self,
@@ -172,23 +258,33 @@ class Attention(nn.Module):
         """Attention of the new positions ``x`` over the keys of ``kv`` (earlier positions,
         then extended with these) and their own, as ``mask`` allows."""
         batch, pos, _ = x.shape
-        h, e = self.cfg.n_heads, self.cfg.d_head
-        q, k, v = affine(x, self.W_QKV, self.b_QKV).view(batch, pos, 3, h, e).unbind(2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        qkv = affine(x, self.W_QKV, self.b_QKV)
+        q, k, v = (self.hook_q, self.hook_k, self.hook_v)
+        q, k, v = q(self._part(qkv, 0)), k(self._part(qkv, 1)), v(self._part(qkv, 2))
+        if self.rotary is not None:
+            cos, sin = self.rotary.angles(mask.positions(pos, x.device))
+            q = self.hook_rot_q(self.rotary(q, cos, sin))
+            k = self.hook_rot_k(self.rotary(k, cos, sin))
         if kv is not None:
             k, v = kv.extend(k, v)
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
-        allowed = None if mask.causal_only else mask.allowed(pos, kh.shape[2], x.device)
-        z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, is_causal=allowed is None)
+        plain = mask.causal_only and self.window is None
+        allowed = None if plain else mask.allowed(pos, kh.shape[2], x.device, self.window)
+        grouped = self.cfg.kv_heads != self.cfg.n_heads
+        z = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=allowed, is_causal=plain, scale=self.scale, enable_gqa=grouped
+        )
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self._observed(qh, kh, vh, allowed, z)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
         out = self.project(z)
         if self.hook_result.active:
             result = einsum(z, self.W_O, "b p h e, h e d -> b p h d")
-            seen = self.hook_result(result)
-            if seen is not result:
+            seen, changed = self.hook_result.see(result)
+            if changed:
                 return seen.sum(2) + self.b_O
+            if self.hook_result.grad_wanted:
+                return through(out, seen.sum(2) + self.b_O)
         return out
 
     def project(
@@ -201,55 +297,83 @@ class Attention(nn.Module):
     def _observed(self, qh, kh, vh, allowed, z: Tensor) -> Tensor:
         """Build the scores and pattern (fp32) for the hooks; ``z`` stays the fused
         kernel's unless a hook changed one of them."""
-        scores = qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(self.cfg.d_head)
+        group = self.cfg.n_heads // self.cfg.kv_heads
+        if group > 1:  # each key/value head, once per query head it serves
+            kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        scores = qh.float() @ kh.float().transpose(-1, -2) * self.scale
         if allowed is None:
             n_q, n_k = scores.shape[-2:]
             allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-        scores_seen = self.hook_attn_scores(scores)
+        scores_seen, scores_changed = self.hook_attn_scores.see(scores)
         pattern = scores_seen.softmax(-1)
-        pattern_seen = self.hook_pattern(pattern)
-        if scores_seen is scores and pattern_seen is pattern:
+        pattern_seen, pattern_changed = self.hook_pattern.see(pattern)
+        if not (scores_changed or pattern_changed):
+            if self.hook_attn_scores.grad_wanted or self.hook_pattern.grad_wanted:
+                return through(z, (pattern_seen @ vh.float()).to(vh.dtype))
             return z  # only observed
         return (pattern_seen @ vh.float()).to(vh.dtype)
 
 
+_ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),  # GPT-2's tanh GELU
+    "gelu": F.gelu,  # exact
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
 class MLP(nn.Module):
     """Neuron i reads the stream along ``W_in[:, i]`` and writes ``W_out[i]``, scaled by
-    GELU of what it read."""
+    its activation of what it read. A gated MLP (SwiGLU) reads twice: ``act(x · W_gate[:, i])``
+    times ``x · W_in[:, i]`` (``hook_pre`` is the gate's pre-activation,
+    ``hook_pre_linear`` the other read, as in TransformerLens)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        d, m = cfg.d_model, cfg.d_mlp
+        self.gated = cfg.gated_mlp
+        if self.gated:
+            self.W_gate = nn.Parameter(torch.empty(d, m))
+            self.b_gate = nn.Parameter(torch.zeros(m))
+        self.W_in = nn.Parameter(torch.empty(d, m))
+        self.b_in = nn.Parameter(torch.zeros(m))
+        self.W_out = nn.Parameter(torch.empty(m, d))
+        self.b_out = nn.Parameter(torch.zeros(d))
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        if self.gated:
+            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-        self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
-
-    def act(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
-        return F.gelu(pre, approximate=self.approximate)
+        self.act = _ACTIVATIONS[cfg.act_fn]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(affine(x, self.W_in, self.b_in))
-        post = self.hook_post(self.act(pre))
+        if self.gated:
+            pre = self.hook_pre(affine(x, self.W_gate, self.b_gate))
+            linear = self.hook_pre_linear(affine(x, self.W_in, self.b_in))
+            post = self.hook_post(self.act(pre) * linear)
+        else:
+            pre = self.hook_pre(affine(x, self.W_in, self.b_in))
+            post = self.hook_post(self.act(pre))
         return affine(post, self.W_out, self.b_out)
 
 
 class Block(nn.Module):
     """``resid_mid = resid_pre + attn(ln1(resid_pre))``, then
-    ``resid_post = resid_mid + mlp(ln2(resid_mid))``: two reads and two writes."""
+    ``resid_post = resid_mid + mlp(ln2(resid_mid))``: two reads and two writes. A parallel
+    block (GPT-NeoX, Pythia) reads both from ``resid_pre`` and has no ``resid_mid``:
+    ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
+        self.parallel = cfg.parallel_attn_mlp
         # registered in the order the forward pass reaches them, so hook_names reads in order
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
-        self.ln1 = LayerNorm(cfg)
-        self.attn = Attention(cfg)
+        self.ln1 = norm(cfg)
+        self.attn = Attention(cfg, layer)
         self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.ln2 = LayerNorm(cfg)
+        if not self.parallel:
+            self.hook_resid_mid = HookPoint()
+        self.ln2 = norm(cfg)
         self.mlp = MLP(cfg)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
@@ -260,6 +384,11 @@ class Block(nn.Module):
         mask: Mask = Mask(),
         kv: KVStore | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        if self.parallel:
+            resid_pre = self.hook_resid_pre(resid)
+            attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, kv))
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_pre)))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         return self.feed(self.attend(resid, mask, kv))
 
     def attend(
@@ -268,7 +397,7 @@ class Block(nn.Module):
         mask: Mask = Mask(),
         kv: KVStore | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """resid_pre -> resid_mid: the attention half."""
+        """resid_pre -> resid_mid: the attention half of a sequential block."""
         resid_pre = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, kv))
         return self.hook_resid_mid(resid_pre + attn_out)
@@ -276,7 +405,7 @@ class Block(nn.Module):
     def feed(
         self, resid_mid: Float[Tensor, "batch pos d_model"]
     ) -> Float[Tensor, "batch pos d_model"]:
-        """resid_mid -> resid_post: the MLP half."""
+        """resid_mid -> resid_post: the MLP half of a sequential block."""
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
 

@@ -35,7 +35,7 @@ from resid.core.generation import generate
 from resid.core.head import Head
 from resid.core.hooks import HookPoint, Hooks, NameFilter
 from resid.core.kv_cache import KVCache
-from resid.core.layers import Block, LayerNorm, Mask
+from resid.core.layers import Block, Mask, norm
 from resid.core.neuron import Neuron
 from resid.core.tokenizer import Tokenizer
 
@@ -87,11 +87,16 @@ class Model(nn.Module):
         self.cfg = cfg = cfg or Config()
         self._tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg)
+        if cfg.positional == "learned":
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))  # W_U, untied
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
         self.hook_dict: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
@@ -103,7 +108,7 @@ class Model(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2's initialisation: normal(0, std) matrices, zero biases, unit LayerNorm gains."""
         for name, p in self.named_parameters():
-            if name.endswith(("W_E", "W_pos", "W_QKV", "W_O", "W_in", "W_out")):
+            if name.endswith(("W_E", "W_pos", "W_QKV", "W_O", "W_in", "W_out", "W_gate", "lm_head")):
                 nn.init.normal_(p, std=std)
             elif name.endswith(".w"):
                 nn.init.ones_(p)
@@ -112,8 +117,9 @@ class Model(nn.Module):
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding: GPT-2 ties it to the embedding, so it is a view of ``W_E``."""
-        return self.W_E.T
+        """The unembedding: tied to the embedding (GPT-2), a view of ``W_E``; else its own
+        matrix (``lm_head``, stored ``[d_model, d_vocab]``)."""
+        return self.W_E.T if self.cfg.tie_embeddings else self.lm_head
 
     @property
     def hook_names(self) -> list[str]:
@@ -213,7 +219,7 @@ class Model(nn.Module):
             )
         attn_mask = Mask(offset, full)
         if tokens is not None:
-            resid = self.embed(tokens, self.positions(full, offset, shape))
+            resid = self.embed(tokens, attn_mask.positions(shape[1], self.device))
         else:
             resid = input
         kvs = past_kv_cache.layers if past_kv_cache is not None else [None] * self.cfg.n_layers
@@ -228,23 +234,17 @@ class Model(nn.Module):
             return logits
         return self.loss(logits, tokens, mask, per_token=loss_per_token)
 
-    def positions(
-        self, keys: Bool[Tensor, "batch key_pos"] | None, offset: int, shape: tuple[int, int]
-    ) -> Int[Tensor, "batch pos"] | Int[Tensor, " pos"]:
-        """The position ids of the new tokens: their index, or with padding the number of
-        real tokens before them (Hugging Face's ``position_ids``)."""
-        if keys is None:
-            return torch.arange(offset, offset + shape[1], device=self.device)
-        return (keys.long().cumsum(1) - 1).clamp(min=0)[:, -shape[1] :]
-
     def embed(
         self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "... pos"] | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
-        """The residual stream's first state: token embedding plus position embedding."""
+        """The residual stream's first state: token embedding plus, with learned positions,
+        position embedding (rotary models add positions inside attention instead)."""
         batch, pos = tokens.shape
         if positions is None:
             positions = torch.arange(pos, device=tokens.device)
         embed = self.hook_embed(self.W_E[tokens])
+        if self.cfg.positional != "learned":
+            return embed
         pos_embed = self.W_pos[positions].expand(batch, pos, -1)
         if self.hook_pos_embed.active:  # hooks get a tensor of their own, never the weights
             pos_embed = self.hook_pos_embed(pos_embed.clone())
@@ -256,7 +256,10 @@ class Model(nn.Module):
         """``ln_final(resid) @ W_U`` (``ln_final`` runs for its hooks even when no logits
         are wanted)."""
         normalized = self.ln_final(resid)
-        return normalized @ self.W_U if with_logits else None
+        if not with_logits:
+            return None
+        logits = normalized @ self.W_U
+        return logits + self.b_U if self.cfg.unembed_bias else logits
 
     @staticmethod
     def loss(
