@@ -46,7 +46,7 @@ def batch_with_repeats(g: torch.Generator, batch: int = 64, seq_len: int = 48) -
 def evaluate(model: resid.Model, seq_len: int = 20) -> dict[str, float]:
     """Loss on the first and on the repeated half of [BOS] + r + r, and the best scores
     of the previous-token heads in layer 0 and the induction heads in layer 1."""
-    tokens = repeated_tokens(batch=32, seq_len=seq_len, d_vocab=BOS, bos=BOS, seed=12345)
+    tokens = repeated_tokens(batch=32, seq_len=seq_len, d_vocab=TOY.d_vocab, bos=BOS, seed=12345)
     logp = model(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     scores = head_scores(model, tokens)
     return {

@@ -14,12 +14,28 @@ pytestmark = [
 ]
 
 
+def _global_precision() -> tuple:
+    return (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+
+
+@pytest.fixture(autouse=True)
+def global_precision_is_restored():
+    """No test here may leave the process-wide TF32 switches changed for the tests after it."""
+    before = _global_precision()
+    yield
+    assert _global_precision() == before, "a GPU test changed the global TF32 settings"
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_fp32_on_gpu_matches_transformers(small_hf, small_dir, attn):
+def test_fp32_on_gpu_matches_transformers(small_hf, small_dir, attn, monkeypatch):
     tokens = torch.randint(0, 50257, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
     model = resid.load(small_dir, device="cuda")
     hf = hf_with(copy.deepcopy(small_hf), attn).cuda()  # the fixture stays on the CPU
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # undone afterwards
     with torch.no_grad():
         ref, ours = hf(tokens).logits, model(tokens)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""`resid attention` and resid.plots on the tiny model: figures against the model's own
+"""`resid attention` and resid.viz.plots on the tiny model: figures against the model's own
 `hook_pattern` and `to_str_tokens`, the files written, and every bad input's exit."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from chromium import png_pixels
 
-from resid.attention_pages import write_attention
 from resid.cli import main
-from resid.plots import attention_heads, display_token, parse_indices, token_labels
+from resid.viz.attention_pages import write_attention
+from resid.viz.plots import attention_heads, display_token, parse_indices, token_labels
 
 PROMPT = "The cat sat on the mat.\nThe cat\tsat  down"
 
@@ -75,6 +75,7 @@ def test_written_files(tiny, tmp_path):
         "L1H2.html",
         "index.html",
         "plotly.min.js",
+        "resid-manifest.json",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["attn"]  # no staging folder left behind
     index = (out / "index.html").read_text()
@@ -103,7 +104,7 @@ def test_many_prompts_share_one_plotly_js(tiny, tmp_path):
                                     progress=False)  # fmt: skip
     assert n_plots == 2 * tiny.cfg.n_heads
     assert sorted(p.name for p in out.iterdir()) == [
-        "01-first-prompt", "02-second-one", "index.html", "plotly.min.js"]  # fmt: skip
+        "01-first-prompt", "02-second-one", "index.html", "plotly.min.js", "resid-manifest.json"]  # fmt: skip
     page = (out / "02-second-one" / "L0H0.html").read_text()
     assert '<script src="../plotly.min.js"' in page
     assert len(list((out / "01-first-prompt").glob("*.html"))) == tiny.cfg.n_heads + 1
@@ -154,10 +155,7 @@ def test_cli_prompts_file(tiny_dir, tmp_path, capsys):
         (["{model}", "hi", "--layers", "0-1", "--heads", "7"], "head 7 is out of range"),
         (["{model}", "word " * 80], "more than the context of 64: shorten it, or pass --truncate"),
         (["{model}", "hi", "--out", "{file}/sub"], "cannot write to"),
-        (
-            ["{model}", "hi", "--out", "{file}"],
-            "exists and is not an earlier resid attention output",
-        ),
+        (["{model}", "hi", "--out", "{file}"], "exists and is not a folder"),
         (["{model}", "hi", "--format", "gif"], "unknown --format 'gif'"),
         (["{model}", "--prompts-file", "{missing}"], "cannot read --prompts-file"),
     ],

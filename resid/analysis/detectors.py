@@ -14,7 +14,7 @@ real tokens (``q - 1`` is the previous real token, position 0 its first real tok
 padding queries are not scored and padding keys are never a duplicate or a BOS. A padded
 batch scores exactly as its prompts run alone, pooled over their scored queries.
 
->>> tokens = repeated_tokens(batch=4, seq_len=20, d_vocab=model.cfg.d_vocab)
+>>> tokens = repeated_tokens(batch=4, seq_len=20, model=model)
 >>> scores = head_scores(model, tokens)
 >>> scores["induction"].values.shape          # [n_layers, n_heads]: a Labelled
 >>> head_scores(model, ["Hi", "The cat sat. The cat sat."])   # padded and masked for you
@@ -203,12 +203,49 @@ def head_scores(
     }
 
 
+_FROM_MODEL = object()
+
+
 def repeated_tokens(
-    batch: int, seq_len: int, d_vocab: int, bos: int | None = 50256, seed: int = 0
+    batch: int,
+    seq_len: int,
+    d_vocab: int | None = None,
+    bos: int | None = _FROM_MODEL,  # type: ignore[assignment]
+    seed: int = 0,
+    model: Model | None = None,
 ) -> Int[Tensor, "batch pos"]:
     """``[BOS] + r + r`` for a random sequence ``r`` of ``seq_len`` tokens: the standard
-    probe for induction heads (the second copy is predictable only by copying)."""
+    probe for induction heads (the second copy is predictable only by copying).
+
+    ``d_vocab`` defaults to ``model.cfg.d_vocab``; ``bos`` to the model's tokenizer's BOS
+    (``bos=None``: no BOS). Without a model, pass both. ``r`` is drawn from every id below
+    ``d_vocab`` except ``bos``, so position 0 is the only BOS.
+
+    >>> repeated_tokens(4, 20, model=model)                    # GPT-2: BOS 50256
+    >>> repeated_tokens(4, 20, d_vocab=128, bos=127)           # a toy vocabulary
+    """
+    if d_vocab is None:
+        if model is None:
+            raise ValueError("repeated_tokens needs d_vocab= or model=")
+        d_vocab = model.cfg.d_vocab
+    if bos is _FROM_MODEL:
+        if model is None:
+            raise ValueError(
+                "repeated_tokens needs bos= (a token id, or None for no BOS) or model= "
+                "(whose tokenizer's BOS is used)"
+            )
+        try:
+            bos = model.tokenizer.bos_token_id
+        except ValueError as e:  # a model with a vocabulary of its own and no tokenizer
+            raise ValueError(f"{e}; or pass bos= to repeated_tokens") from None
+    if d_vocab < (2 if bos is not None else 1):
+        raise ValueError(f"d_vocab={d_vocab} leaves no token to repeat")
+    if bos is not None and not 0 <= bos < d_vocab:
+        raise ValueError(f"bos={bos} is outside the vocabulary [0, {d_vocab})")
     g = torch.Generator().manual_seed(seed)
-    r = torch.randint(0, min(d_vocab, 50256), (batch, seq_len), generator=g)
-    parts = [r, r] if bos is None else [torch.full((batch, 1), bos), r, r]
-    return torch.cat(parts, dim=1)
+    if bos is None:
+        r = torch.randint(0, d_vocab, (batch, seq_len), generator=g)
+        return torch.cat([r, r], dim=1)
+    r = torch.randint(0, d_vocab - 1, (batch, seq_len), generator=g)
+    r = r + (r >= bos).long()  # skip the BOS id
+    return torch.cat([torch.full((batch, 1), bos), r, r], dim=1)

@@ -18,6 +18,8 @@ and index like a tensor's. Matrices multiply on the right, as everywhere in resi
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from jaxtyping import Complex, Float
 from torch import Tensor
@@ -135,6 +137,20 @@ class FactoredMatrix:
         return FactoredMatrix(other @ self.A, self.B)
 
     def __mul__(self, scalar: float | Tensor) -> FactoredMatrix:
+        """``c * M``: the product scaled by a scalar (a number or a one-element tensor).
+
+        Anything else is refused: ``A * v`` for a vector would scale A's columns, i.e. insert
+        a diagonal between the factors, which is not an elementwise product of ``A @ B``
+        (TransformerLens refuses it too). Write ``FactoredMatrix(A * v, B)`` for that."""
+        if isinstance(scalar, Tensor):
+            if scalar.numel() != 1:
+                raise ValueError(
+                    f"FactoredMatrix * a tensor of shape {tuple(scalar.shape)}: only a scalar "
+                    "can scale a factored matrix; for A diag(v) B write FactoredMatrix(A * v, B)"
+                )
+            scalar = scalar.reshape(())
+        elif isinstance(scalar, bool) or not isinstance(scalar, numbers.Number):
+            return NotImplemented
         return FactoredMatrix(self.A * scalar, self.B)
 
     __rmul__ = __mul__

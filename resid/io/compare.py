@@ -12,13 +12,14 @@ TransformerLens also the max |Δ| at every hook site both have.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from resid.core.model import Model
-from resid.io.loading import load
+from resid.io.loading import build, read
 from resid.io.references import hf_reference, transformer_lens_bridge
 
 DEFAULT_PROMPTS = [
@@ -55,9 +56,25 @@ class Report:
         return all(r.ok for r in self.rows) and self.sites_ok
 
 
-def tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) for max |Δ| ≤ atol + rtol · max |reference|: float32 rounding, or half's."""
-    return (1e-4, 1e-5) if dtype in (torch.float32, torch.float64) else (5e-2, 2e-2)
+def tolerance(dtype: torch.dtype, n_layers: int = 12) -> tuple[float, float]:
+    """(atol, rtol) for a pass: max |Δ logit| ≤ atol + rtol · max |reference logit|.
+
+    For float32 and float64, float32 rounding: (1e-4, 1e-5). For half types the bound is
+    derived from the format's machine epsilon ε (``torch.finfo(dtype).eps``: 2⁻⁷ ≈ 0.0078
+    for bfloat16, 2⁻¹⁰ for float16). One unit in the last place of a logit x is at most
+    ε·|x|, so two implementations that each round their logits can differ by one ulp at
+    the logit scale, ε·max|logit|. Before that, each of the 2·n_layers residual updates is
+    rounded to the dtype; the unembedding carries those errors to the logits at the same
+    scale, and independent roundings add like a random walk: √(2·n_layers) ulps. Hence
+    rtol = ε·(1 + √(2·n_layers)) and atol = ε (an ulp of a logit of 1, for tiny logits).
+    For GPT-2 small in bfloat16 that is rtol = 0.0078·(1 + √24) ≈ 0.046: about 0.5 logit
+    at a logit scale of 10, 4.6 logits at GPT-2's scale of about 100 (where one bfloat16
+    ulp is already 0.5).
+    """
+    if dtype in (torch.float32, torch.float64):
+        return 1e-4, 1e-5
+    eps = torch.finfo(dtype).eps
+    return eps, eps * (1 + math.sqrt(2 * n_layers))
 
 
 def logit_stats(name: str, ref: Tensor, ours: Tensor, atol: float, rtol: float) -> Row:
@@ -90,18 +107,28 @@ def compare(
     dtype: torch.dtype = torch.float32,
 ) -> Report:
     """Load ``source`` into resid and into every installed reference; compare their logits."""
-    model: Model = load(source, device=device, dtype=dtype)
+    ckpt = read(source)  # read once: the references get the same tensors
+    model: Model = build(ckpt, device=device, dtype=dtype)
     device = str(model.device)
     tokens = model.to_tokens(prompts or DEFAULT_PROMPTS)
     ours = model(tokens)
-    atol, rtol = tolerance(dtype)
+    atol, rtol = tolerance(dtype, model.cfg.n_layers)
+    derived = (
+        ""
+        if dtype in (torch.float32, torch.float64)
+        else f"  (ε = {torch.finfo(dtype).eps:g}; rtol = ε·(1 + √(2·{model.cfg.n_layers})))"
+    )
     report = Report(
-        source, dtype, device, tokens.numel(), f"max|Δ| ≤ {atol:g} + {rtol:g}·max|logit|"
+        source,
+        dtype,
+        device,
+        tokens.numel(),
+        f"max|Δ| ≤ {atol:.3g} + {rtol:.3g}·max|logit|{derived}",
     )
     if importlib.util.find_spec("transformers") is None:
         report.skipped.append("transformers (pip install 'resid[compare]')")
         return report
-    hf = hf_reference(source, model.cfg, device, dtype)
+    hf = hf_reference(source, model.cfg, device, dtype, weights=ckpt.weights)
     for attn in ("eager", "sdpa"):
         hf.set_attn_implementation(attn)
         ref = hf(tokens).logits

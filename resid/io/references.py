@@ -14,16 +14,19 @@ from resid.core.config import Config
 from resid.io.loading import locate, read_checkpoint
 
 
-def hf_reference(source: str, cfg: Config, device: str, dtype: torch.dtype):
+def hf_reference(
+    source: str, cfg: Config, device: str, dtype: torch.dtype, weights: dict | None = None
+):
     """The checkpoint as transformers loads it itself where it can (a folder, a hub name),
-    else a transformers GPT-2 given the checkpoint's GPT-2-named tensors."""
+    else a transformers GPT-2 given the checkpoint's GPT-2-named tensors: ``weights`` when
+    the caller has read them already (``resid.io.loading.read``), so a file is read once."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = locate(source)  # a hub name is its cached snapshot folder
     if path.is_dir() and (path / "config.json").is_file():
         hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype)
     else:
-        weights, _, _ = read_checkpoint(source)
+        weights = dict(weights) if weights is not None else read_checkpoint(source)[0]
         hf_cfg = GPT2Config(
             n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model, n_inner=cfg.d_mlp,
             vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, layer_norm_epsilon=cfg.layer_norm_eps,

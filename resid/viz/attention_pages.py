@@ -10,21 +10,22 @@ written once, as ``plotly.min.js`` in the output folder, and the pages load it b
 relative ``<script src>``: nothing is fetched from the network. Thumbnails are tiny PNGs
 inlined as ``data:`` URIs (one pixel per cell), so the index stays light for 12 x 12 heads.
 
-Nothing half-written is left as if complete: everything is written into a hidden folder
-beside ``out`` and renamed to ``out`` at the end. An existing ``out`` is replaced only
-when it is an earlier ``resid attention`` output (or empty).
+Nothing half-written is left as if complete, and nothing resid did not write is deleted:
+everything is written into a hidden folder beside ``out`` with a manifest of the files and
+their hashes (``resid-manifest.json``) and swapped in for ``out`` at the end
+(``resid.core.files``). An existing ``out`` is replaced only when it is empty or holds
+exactly an earlier ``resid attention`` output; otherwise the files it did not write are
+named and nothing is touched. SIGINT and SIGTERM leave the previous output in place.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
-import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,10 +39,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from resid.plots import COLORSCALE, SCORE_NAMES, Attention, attention, head_figure, masked
+from resid.core import files
+from resid.viz import images
+from resid.viz.plots import COLORSCALE, SCORE_NAMES, Attention, attention, head_figure, masked
 
 if TYPE_CHECKING:
-    from resid.model import Model
+    from resid.core.model import Model
 
 MARKER = '<meta name="generator" content="resid attention">'
 PLOTLY_JS = "plotly.min.js"
@@ -175,54 +178,22 @@ def head_html(att: Attention, layer: int, head: int, fig, title: str, js: str) -
 # ---- writing ------------------------------------------------------------------------
 
 
-def _is_replaceable(out: Path) -> bool:
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        return False
-    index = out / "index.html"
-    return not any(out.iterdir()) or (
-        index.is_file() and MARKER in index.read_text(errors="replace")
-    )
-
-
-def _make_staging(out: Path) -> Path:
-    if not _is_replaceable(out):
-        raise FileExistsError(
-            f"{out} exists and is not an earlier resid attention output: choose another --out"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the pages from a web server or other users
-        return tmp
-    except OSError as e:
-        raise OSError(f"cannot write to {out}: {e.strerror or e}") from e
+WRITER = "resid attention"
 
 
 def check_out(out: str | Path) -> None:
-    """Raise ``OSError`` now, before any work, if ``write_attention`` could not write ``out``."""
-    _make_staging(Path(out).expanduser().absolute()).rmdir()
+    """Raise ``OSError`` now, before any work, if ``write_attention`` could not write ``out``:
+    it cannot be created, or it holds files ``resid attention`` did not write (named)."""
+    files.check_target(out, WRITER, "--out")
 
 
 @contextmanager
 def staging(out: str | Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``out`` to write into, renamed to ``out`` on success and
-    removed on failure. Raises ``OSError`` with a clear message when ``out`` cannot be written."""
-    out = Path(out).expanduser().absolute()
-    tmp = _make_staging(out)
-    try:
+    """A fresh hidden folder beside ``out`` to write into, swapped in for ``out`` on success
+    (with a manifest of what was written) and removed on failure, SIGINT or SIGTERM. Raises
+    ``OSError`` when ``out`` cannot be written or holds files resid did not write."""
+    with files.replace_folder(out, WRITER, "--out") as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _slug(prompt: str, i: int) -> str:
@@ -231,42 +202,11 @@ def _slug(prompt: str, i: int) -> str:
 
 
 def _export_images(figs: dict, folder: Path, formats: list[str], progress: bool) -> str | None:
-    """Write static images with plotly's exporter; the reason as one line if it cannot."""
-    import importlib.util
-
-    import plotly.io as pio
-
-    what = "/".join(formats).upper()
-    if importlib.util.find_spec("kaleido") is None:
-        return (f"{what} export skipped: plotly's static export needs the kaleido package "
-                "(pip install 'resid[png]') and Chrome or Chromium; the HTML pages are written")  # fmt: skip
-    import kaleido
-
-    server = getattr(kaleido, "start_sync_server", None)  # one browser for all the images
+    """Write static images (bounded in time, see ``resid.viz.images``); the reason as one
+    line if they cannot be written."""
     jobs = [(fig, folder / f"{head_name(*k)}.{fmt}") for fmt in formats for k, fig in figs.items()]
-    try:
-        if server:
-            server(silence_warnings=True)
-        with (
-            warnings.catch_warnings(),
-            tqdm(total=len(jobs), desc=what, unit="image", disable=not progress,
-                 file=sys.stderr, leave=False) as bar,
-        ):  # fmt: skip
-            warnings.filterwarnings("ignore", "The kopts argument is ignored")  # plotly passes it
-            for start in range(0, len(jobs), 16):
-                chunk = jobs[start : start + 16]
-                pio.write_images([f for f, _ in chunk], [p for _, p in chunk])
-                bar.update(len(chunk))
-    except Exception as e:  # no Chrome, a crashed browser, …: all the same to the user
-        for _, path in jobs:
-            path.unlink(missing_ok=True)
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        return (f"{what} export skipped: plotly's static export (kaleido) failed: {reason}; "
-                "the HTML pages are written")  # fmt: skip
-    finally:
-        if server:
-            kaleido.stop_sync_server(silence_warnings=True)
-    return None
+    return images.export([f for f, _ in jobs], [p for _, p in jobs], progress,
+                         "/".join(formats).upper())  # fmt: skip
 
 
 def _write_prompt(model, prompt, folder: Path, js: str, up, layers, heads, formats, truncate,
@@ -341,4 +281,4 @@ def write_attention(
                 items.append(f'<li><a href="{sub.name}/index.html">{html.escape(prompt)}</a></li>')
             body = f"<h2>{html.escape(label)}: {len(items)} prompts</h2><ol>{''.join(items)}</ol>"
             (tmp / "index.html").write_text(_page(label, body), encoding="utf-8")
-    return Path(out).expanduser().absolute(), n_plots, messages
+    return Path(os.path.abspath(Path(out).expanduser())), n_plots, messages

@@ -62,6 +62,13 @@ def parse_indices(spec: str | list[int] | None, n: int, what: str = "layer") -> 
                 ) from None
             if b < a:
                 raise ValueError(f"{what} range {part!r} is backwards: write {b}-{a}")
+            if not (0 <= a < n and 0 <= b < n):  # before expanding: 0-10000000000 is one line
+                bad = a if not 0 <= a < n else b
+                raise ValueError(
+                    f"{what} {bad} is out of range: this model has {what}s 0-{n - 1}"
+                    if n
+                    else f"this model has no {what}s"
+                )
             out.extend(range(a, b + 1))
         spec = out
     if not spec:

@@ -1,0 +1,338 @@
+"""Folders written whole, and deleted only when resid can prove it wrote them.
+
+Everything resid writes to disk as a folder (a checkpoint from ``resid.save``, the pages
+of ``resid attention``) goes through :func:`replace_folder`:
+
+1. the files are written into a fresh hidden sibling, ``.NAME.partial-XXXX``;
+2. a manifest, ``resid-manifest.json``, records who wrote them and every file's
+   relative path and SHA-256;
+3. the sibling is swapped in with one rename (Linux's ``renameat2(RENAME_EXCHANGE)``
+   where it exists, so the path never stands empty; elsewhere two renames with SIGINT
+   and SIGTERM held back until both are done);
+4. the previous folder, now at the hidden path, is removed file by file, and only the
+   files its manifest lists with matching hashes are removed.
+
+A folder that already exists is replaced only when it is empty or when every file in it
+is listed in a manifest of the same writer with a matching hash; otherwise
+:class:`ForeignFilesError` names the files resid did not write. SIGINT and SIGTERM
+during the write remove the partial folder and leave the previous one in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "resid-manifest.json"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+class ForeignFilesError(FileExistsError):
+    """An existing output path holds files resid cannot prove it wrote; they are named."""
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def target(out: str | Path) -> Path:
+    """The absolute path a write to ``out`` lands on: a symlink is followed (the link
+    itself is kept and goes on pointing at the new folder)."""
+    out = Path(out).expanduser()
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
+    return Path(os.path.abspath(out))
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > 16 << 20:
+            return None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        return None
+    return manifest
+
+
+def write_manifest(folder: Path, writer: str) -> None:
+    """List every regular file under ``folder`` (relative path -> SHA-256) as ``writer``'s."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                files[rel] = sha256(path)
+    body = json.dumps({"writer": writer, "files": dict(sorted(files.items()))}, indent=1)
+    (folder / MANIFEST).write_text(body + "\n", encoding="utf-8")
+
+
+def _entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything under ``folder``, symlinks not followed."""
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        with os.scandir(here) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                rel = Path(entry.path).relative_to(folder).as_posix()
+                yield rel, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(Path(entry.path))
+
+
+def foreign_files(folder: Path, writer: str) -> list[str]:
+    """What in ``folder`` resid cannot prove ``writer`` wrote (empty: the folder may go)."""
+    entries = list(_entries(folder))
+    if not entries:
+        return []
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("writer") != writer:
+        why = "no resid manifest" if manifest is None else f"written by {manifest.get('writer')!r}"
+        return [f"{rel} ({why})" if rel == MANIFEST else rel for rel, _ in entries]
+    listed = manifest["files"]
+    dirs = {p for rel in listed for p in Path(rel).parents if str(p) != "."}
+    foreign = []
+    for rel, st in entries:
+        if rel == MANIFEST:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if Path(rel) not in dirs:
+                foreign.append(rel + "/")
+        elif not stat.S_ISREG(st.st_mode) or rel not in listed:
+            foreign.append(rel)
+        elif sha256(folder / rel) != listed[rel]:
+            foreign.append(f"{rel} (changed since resid wrote it)")
+    return foreign
+
+
+def _describe(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_replaceable(out: Path, writer: str, flag: str = "the output path") -> None:
+    """Raise unless writing ``out`` would delete nothing resid cannot prove it wrote."""
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise ForeignFilesError(
+            f"{out} exists and is not a folder: choose another {flag}, or remove it first"
+        )
+    here = Path.cwd().resolve()
+    real = out.resolve()
+    if real == here or real in here.parents:
+        raise ForeignFilesError(
+            f"{out} is the current directory (or holds it): resid replaces its output folder "
+            f"whole, which would pull the directory out from under your shell; give a new "
+            f"subfolder as {flag}, e.g. {out / 'resid-out'}"
+        )
+    foreign = foreign_files(out, writer)
+    if foreign:
+        raise ForeignFilesError(
+            f"{out} holds files that {writer} did not write: {_describe(foreign)}. resid only "
+            f"replaces a folder it wrote itself (listed in its {MANIFEST}); move those files, "
+            f"or choose another {flag}"
+        )
+
+
+def remove_owned(folder: Path, writer: str) -> list[str]:
+    """Delete the files ``folder``'s manifest lists with matching hashes, the manifest and
+    the folders left empty; return what was left (and warn about it)."""
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("writer") == writer:
+        for rel, digest in manifest["files"].items():
+            path = folder / rel
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode) and sha256(path) == digest:
+                    path.unlink()
+            except OSError:
+                pass
+        (folder / MANIFEST).unlink(missing_ok=True)
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for d in dirs:
+            try:
+                (Path(root) / d).rmdir()
+            except OSError:
+                pass
+    try:
+        folder.rmdir()
+        return []
+    except OSError:
+        left = [rel for rel, _ in _entries(folder)] if folder.is_dir() else []
+        warnings.warn(
+            f"left {folder} in place: it holds files resid did not write ({_describe(left)})",
+            stacklevel=3,
+        )
+        return left
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """While inside, SIGTERM raises ``SystemExit`` (and SIGINT ``KeyboardInterrupt``), so
+    ``finally`` blocks run; a signal ignored by the caller stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {}
+    for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back while inside and acted on the way out.
+
+    Python runs signal handlers in the main thread, whichever thread the kernel delivered
+    the signal to, so deferring in the handler (not with a thread's signal mask, which
+    another thread would escape) holds them for the whole process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def defer(signum, frame):
+        pending.append(signum)
+
+    saved = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            handler = saved[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where that is not available."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, out: Path) -> Path | None:
+    """Put ``tmp`` at ``out``; return where the previous ``out`` now is (or None)."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return None
+    if _exchange(tmp, out):
+        return tmp
+    old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    return old
+
+
+def make_staging(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would hide the files from other users
+        return tmp
+    except OSError as e:
+        raise OSError(f"cannot write to {out}: {e.strerror or e}") from e
+
+
+def check_target(out: str | Path, writer: str, flag: str = "the output path") -> Path:
+    """Raise now, before any work, if ``replace_folder(out, writer)`` would refuse or fail."""
+    path = target(out)
+    check_replaceable(path, writer, flag)
+    make_staging(path).rmdir()
+    return path
+
+
+@contextmanager
+def replace_folder(
+    out: str | Path, writer: str, flag: str = "the output path", durable: bool = False
+) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out``; on success it becomes ``out`` (with a
+    manifest naming ``writer``), on any failure or signal it is removed and ``out`` is left
+    as it was. ``durable`` fsyncs the files before the swap (for checkpoints)."""
+    out = target(out)
+    check_replaceable(out, writer, flag)
+    tmp = make_staging(out)
+    swapped = False
+    old: Path | None = None
+    with signals_raise():
+        try:
+            yield tmp
+            write_manifest(tmp, writer)
+            if durable:
+                for root, _, names in os.walk(tmp):
+                    for name in names:
+                        _fsync(Path(root) / name)
+                _fsync(tmp)
+            check_replaceable(out, writer, flag)  # again: something may have arrived since
+            with signals_held():
+                old = _swap_in(tmp, out)
+                swapped = True
+            if durable:
+                _fsync(out.parent)
+        finally:
+            if not swapped:
+                shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above: all ours
+            if old is not None:
+                remove_owned(old, writer)
