@@ -1,0 +1,476 @@
+"""One benchmark for everything: resid against Hugging Face ``transformers`` (sdpa and
+eager) and TransformerLens' TransformerBridge, on the same weights and inputs, in one
+process.
+
+    python scripts/bench.py                          # GPT-2-small shapes on CPU (~20 min on 2 cores)
+    python scripts/bench.py --quick                  # a small smoke run (~1 min)
+    python scripts/bench.py --device cuda            # adds bf16 and 16 x 1024 where CUDA is present
+    python scripts/bench.py --out bench.json --markdown
+
+Every measure warms each library up once, then runs them interleaved (A B C, A B C, ...)
+``--runs`` times (>= 5) and reports the median wall time, the median CPU time of this
+process (steadier on a shared machine), the ratio of each peer's median to resid's
+(> 1: resid is faster) and the peak memory of one more run (CUDA: ``max_memory_allocated``;
+CPU: the peak resident set above the level before the call, sampled every millisecond,
+so approximate). The model is a random GPT-2 built with ``transformers``
+(``resid.io.references.random_hf_gpt2``), saved, and loaded into resid; the bridge wraps a
+copy of the same weights. Results go to a JSON file.
+
+Measures: plain forward (1 x 1024 and 4 x 256); ``run_with_cache`` of the residual
+sites and of every site; the 12 x 16 ``resid_pre`` sweep and the per-head ``z`` sweep on
+8 x 16 tokens against ``transformer_lens.patching``; greedy generation of 32/128/256 tokens
+from 16 against ``transformers``' ``generate``; loading a saved folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import psutil
+import torch
+import transformers
+from torch import Tensor
+from transformers import GPT2LMHeadModel
+
+import resid
+from resid import metrics, patching
+from resid.io.references import random_hf_gpt2, transformer_lens_bridge
+
+SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+QUICK = dict(n_layer=4, n_head=8, n_embd=256, n_positions=512)
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _trim() -> None:
+    """Hand freed heap back to the OS so that the next RSS baseline is honest."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> int:
+    """Bytes: CUDA's peak allocation during ``fn``, or on CPU the peak RSS above the start."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    _trim()
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        out = fn()
+        peak = max(peak, proc.memory_info().rss)
+        del out
+    finally:
+        stop.set()
+        thread.join()
+    return peak - base
+
+
+def compare(
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    device: str,
+    memory: bool = True,
+    warmup: Callable[[str], object] | None = None,
+) -> dict[str, dict]:
+    """Warm each up once (``warmup(name)`` when a full run would be wasteful), then ``runs``
+    interleaved rounds; medians, ratios, peak memory."""
+    with torch.inference_mode(False), torch.no_grad():
+        for name, fn in fns.items():
+            warmup(name) if warmup is not None else fn()
+        walls: dict[str, list[float]] = {k: [] for k in fns}
+        cpus: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(runs):
+            for name, fn in fns.items():
+                _sync(device)
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                _sync(device)
+                walls[name].append(time.perf_counter() - t)
+                cpus[name].append(time.process_time() - c)
+        mem = {k: peak_memory(fn, device) if memory else None for k, fn in fns.items()}
+    out = {}
+    first = next(iter(fns))
+    for name in fns:
+        out[name] = {
+            "wall_s": statistics.median(walls[name]),
+            "cpu_s": statistics.median(cpus[name]),
+            "walls": walls[name],
+            "peak_bytes": mem[name],
+        }
+    ref = out[first]
+    for name in fns:
+        # > 1: the peer takes longer than resid
+        out[name]["ratio_to_resid"] = out[name]["wall_s"] / ref["wall_s"]
+        out[name]["cpu_ratio_to_resid"] = out[name]["cpu_s"] / ref["cpu_s"]
+    return out
+
+
+def show(title: str, result: dict[str, dict], unit: str = "s", per: float | None = None) -> None:
+    print(f"\n{title}")
+    print(f"  {'':34}{'wall s':>9}{'CPU s':>9}{'peer/resid':>11}{'peak MiB':>10}")
+    for name, r in result.items():
+        mem = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:10.0f}"
+        line = f"  {name:34}{r['wall_s']:9.3f}{r['cpu_s']:9.3f}{r['ratio_to_resid']:10.2f}x{mem}"
+        if per:
+            line += f"   {per / r['wall_s']:7.1f} tok/s"
+        print(line, flush=True)
+
+
+# ---- the peers ---------------------------------------------------------------------------
+
+
+def build(shape: dict, device: str, dtype: torch.dtype, folder: str):
+    """(resid model, HF sdpa, HF eager, TL bridge) with the same weights."""
+    hf = random_hf_gpt2(1, **shape)
+    hf.save_pretrained(folder)
+    model = resid.load(folder, device=device, dtype=dtype)
+    sdpa = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
+    eager = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
+    bridge = transformer_lens_bridge(hf.to(dtype), device)
+    return model, sdpa.to(device).eval(), eager.to(device).eval(), bridge
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small model and inputs")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measure (>= 5)")
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: forward,cache,sweep,generate,load"
+    )
+    parser.add_argument(
+        "--plain-metric", action="store_true", help="also time sweeps with a plain metric"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
+    args = parser.parse_args()
+    if args.runs < 5 and not args.quick:
+        parser.error("--runs must be at least 5 (medians of >= 5 runs)")
+    only = set(filter(None, args.only.split(","))) or {
+        "forward",
+        "cache",
+        "sweep",
+        "generate",
+        "load",
+    }
+    device, cuda = args.device, args.device.startswith("cuda")
+    shape = QUICK if args.quick else SMALL
+    import transformer_lens
+    from transformer_lens import patching as tl_patching
+
+    report: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "load_average": os.getloadavg()[0],
+        },
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+            "resid": resid.__version__,
+        },
+        "device": device,
+        "shape": shape,
+        "runs": args.runs,
+        "results": {},
+    }
+    print(json.dumps({k: report[k] for k in ("date", "machine", "versions", "device")}, indent=1))
+    print(f"model {shape}, medians of {args.runs} interleaved runs after a warm-up")
+    results = report["results"]
+    runs = args.runs
+
+    def save() -> None:  # after every measure, so that a cut-short run keeps what it did
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    g = torch.Generator().manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="resid-bench-")
+    model, sdpa, eager, bridge = build(shape, device, torch.float32, folder)
+    warnings.simplefilter("ignore")
+
+    # ---- plain forward -------------------------------------------------------------------
+    if "forward" in only:
+        sizes = [(1, 64), (4, 32)] if args.quick else [(1, 1024), (4, 256)]
+        if cuda:
+            sizes.append((16, 1024))
+        for b, n in sizes:
+            t = torch.randint(0, 50257, (b, n), generator=g).to(device)
+            r = compare(
+                {
+                    "resid": partial(model, t),
+                    "HF sdpa": lambda t=t: sdpa(t).logits,
+                    "HF eager": lambda t=t: eager(t).logits,
+                    "TransformerLens bridge": partial(bridge, t),
+                },
+                runs,
+                device,
+            )
+            results[f"forward {b}x{n} fp32"] = r
+            save()
+            show(f"forward {b} x {n}, fp32", r)
+        if cuda:  # bf16, and how often its top-1 agrees with fp32's
+            folder16 = tempfile.mkdtemp(prefix="resid-bench-bf16-")
+            m16, s16, e16, b16 = build(shape, device, torch.bfloat16, folder16)
+            t = torch.randint(0, 50257, (16, 1024), generator=g).to(device)
+            r = compare(
+                {
+                    "resid": partial(m16, t),
+                    "HF sdpa": lambda: s16(t).logits,
+                    "HF eager": lambda: e16(t).logits,
+                    "TransformerLens bridge": partial(b16, t),
+                },
+                runs,
+                device,
+            )
+            with torch.no_grad():
+                agree = (m16(t).argmax(-1) == model(t).argmax(-1)).float().mean().item()
+            r["resid"]["top1_agreement_with_fp32"] = agree
+            results["forward 16x1024 bf16"] = r
+            save()
+            show(f"forward 16 x 1024, bf16 (top-1 agreement with fp32: {agree:.4f})", r)
+            del m16, s16, e16, b16
+
+    # ---- run_with_cache ------------------------------------------------------------------
+    if "cache" in only:
+        b, n = (2, 32) if args.quick else (4, 256)
+        t = torch.randint(0, 50257, (b, n), generator=g).to(device)
+
+        def is_resid(name: str) -> bool:
+            return name.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post"))
+
+        tl_resid = [nm for nm in resid_names(model) if is_resid(nm)]
+        for label, ours, theirs in [
+            ("residual sites", dict(names_filter=is_resid), dict(names_filter=tl_resid)),
+            ("every site", {}, {}),
+        ]:
+            sizes: dict[str, int] = {}
+
+            def run_ours(kw=ours, sizes=sizes):
+                _, cache = model.run_with_cache(t, **kw)
+                sizes["resid"] = cache_bytes(cache)
+                return cache
+
+            def run_tl(kw=theirs, sizes=sizes):
+                _, cache = bridge.run_with_cache(t, **kw)
+                sizes["TransformerLens bridge"] = cache_bytes(cache)
+                return cache
+
+            r = compare({"resid": run_ours, "TransformerLens bridge": run_tl}, runs, device)
+            for name in r:
+                r[name]["cache_bytes"] = sizes[name]
+            results[f"run_with_cache {label} {b}x{n}"] = r
+            save()
+            show(
+                f"run_with_cache, {label}, {b} x {n} (cache MiB: resid "
+                f"{sizes['resid'] / 2**20:.0f}, TL {sizes['TransformerLens bridge'] / 2**20:.0f})",
+                r,
+            )
+
+    # ---- patching sweeps -----------------------------------------------------------------
+    if "sweep" in only:
+        b, n = 8, 16
+        clean = torch.randint(0, 50257, (b, n), generator=g).to(device)
+        corrupted = torch.randint(0, 50257, (b, n), generator=g).to(device)
+        answer, wrong = torch.randint(0, 50257, (2, b), generator=g)
+        metric = metrics.logit_diff(answer, wrong, pos=-1)  # declares 2 logits at the last pos
+
+        def plain(logits):  # the same metric as a plain function of all logits
+            return metric(logits)
+
+        with torch.no_grad():
+            _, tl_cache = bridge.run_with_cache(clean)
+            _, cache = model.run_with_cache(clean)
+        small = metrics.logit_diff(answer[:2], wrong[:2], pos=-1)
+        small_cache = {k: v[:2] for k, v in cache.items()}
+        for site, by_pos, tl_fn in [
+            ("resid_pre", True, tl_patching.get_act_patch_resid_pre),
+            ("z", False, tl_patching.get_act_patch_attn_head_out_all_pos),
+        ]:
+            run = partial(
+                patching.sweep, model, corrupted, cache, site=site, by_pos=by_pos, progress=False
+            )
+            out: dict[str, Tensor] = {}
+
+            def ours(m=metric, run=run, out=out):
+                out["declared"] = run(metric=m).values
+                return out["declared"]
+
+            def ours_plain(run=run):
+                return run(metric=plain).values
+
+            def tl(tl_fn=tl_fn, out=out):
+                out["tl"] = tl_fn(bridge, corrupted, tl_cache, plain)
+                return out["tl"]
+
+            fns = {"resid, declared metric": ours, "TransformerLens patching": tl}
+            if args.plain_metric:
+                fns["resid, plain metric"] = ours_plain
+
+            def warm(name, site=site, by_pos=by_pos, tl_fn=tl_fn):
+                if name.startswith("resid"):
+                    patching.sweep(
+                        model,
+                        corrupted[:2],
+                        small_cache,
+                        small,
+                        site,
+                        by_pos=by_pos,
+                        progress=False,
+                    )
+                else:  # one TL forward warms its path; a whole sweep is minutes on a CPU
+                    bridge(corrupted[:2])
+
+            r = compare(fns, runs, device, memory=False, warmup=warm)
+            delta = float((out["declared"].cpu() - out["tl"].cpu()).abs().max())
+            r["resid, declared metric"]["max_abs_diff_to_tl"] = delta
+            results[f"sweep {site} {tuple(out['declared'].shape)}"] = r
+            save()
+            show(f"sweep {site} {tuple(out['declared'].shape)}, max |resid - TL| {delta:.1e}", r)
+
+    # ---- generation ----------------------------------------------------------------------
+    if "generate" in only:
+        prompt = torch.randint(0, 50257, (1, 16), generator=g).to(device)
+        lengths = [8, 32] if args.quick else [32, 128, 256]
+        per_token = {}
+        for new in lengths:
+            # min_new_tokens keeps HF from stopping at a random EOS
+            r = compare(
+                {
+                    "resid generate (KV cache)": partial(
+                        model.generate, prompt, new, temperature=0
+                    ),
+                    "HF sdpa generate": lambda new=new: sdpa.generate(
+                        prompt,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=50256,
+                    ),
+                },
+                runs,
+                device,
+                memory=False,
+                warmup=lambda name: (
+                    model.generate(prompt, 4, temperature=0)
+                    if name.startswith("resid")
+                    else sdpa.generate(
+                        prompt, max_new_tokens=4, do_sample=False, pad_token_id=50256
+                    )
+                ),
+            )
+            for name in r:
+                r[name]["tokens_per_s"] = new / r[name]["wall_s"]
+                r[name]["s_per_token"] = r[name]["wall_s"] / new
+            per_token[new] = r
+            results[f"generate {new} tokens from 16"] = r
+            save()
+            show(f"greedy generation, {new} new tokens from 16", r, per=new)
+        lo, hi = lengths[0], lengths[-1]
+        growth = {
+            name: per_token[hi][name]["s_per_token"] / per_token[lo][name]["s_per_token"]
+            for name in per_token[hi]
+        }
+        results[f"generate per-token time {hi} / {lo}"] = growth
+        save()
+        print(f"  per-token time at {hi} / at {lo}: {growth}")
+
+    # ---- load ----------------------------------------------------------------------------
+    if "load" in only:
+        r = compare(
+            {
+                "resid.load": partial(resid.load, folder, device=device),
+                "HF from_pretrained": lambda: GPT2LMHeadModel.from_pretrained(folder).to(device),
+            },
+            runs,
+            device,
+            memory=False,
+        )
+        results["load saved folder"] = r
+        save()
+        show("load a saved folder (config.json + model.safetensors)", r)
+
+    save()
+    print(f"\nwrote {args.out}")
+    if args.markdown:
+        print(markdown(report))
+
+
+def resid_names(model: resid.Model) -> list[str]:
+    return list(model.hook_dict)
+
+
+def cache_bytes(cache) -> int:
+    return sum(v.numel() * v.element_size() for v in cache.values() if isinstance(v, Tensor))
+
+
+def markdown(report: dict) -> str:
+    """The results as the rows of BENCHMARKS.md's table."""
+    lines = [
+        "| measure | implementation | median wall s | median CPU s | time / resid's | peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for measure, r in report["results"].items():
+        if not all(isinstance(v, dict) for v in r.values()):
+            ratios = ", ".join(f"{k}: {v:.2f}" for k, v in r.items())
+            lines.append(f"| {measure} | {ratios} | | | | |")
+            continue
+        for name, v in r.items():
+            mem = "" if v.get("peak_bytes") is None else f"{v['peak_bytes'] / 2**20:.0f}"
+            extra = f" ({v['tokens_per_s']:.1f} tok/s)" if "tokens_per_s" in v else ""
+            lines.append(
+                f"| {measure} | {name}{extra} | {v['wall_s']:.3f} | {v['cpu_s']:.3f} | "
+                f"{v['ratio_to_resid']:.2f}x | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
