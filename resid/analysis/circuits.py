@@ -56,6 +56,14 @@ def _reader(mode: Mode, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> F
     raise ValueError(f"composition mode must be 'Q', 'K' or 'V', not {mode!r}")
 
 
+def _defined(model: Model, mode: Mode) -> None:
+    if mode in ("Q", "K") and model.cfg.positional == "rotary":
+        raise ValueError(
+            f"{mode}-composition reads the later head's QK circuit, which for rotary heads "
+            "depends on the query-key distance: only V-composition is defined here"
+        )
+
+
 def composition_score(earlier: Head, later: Head, mode: Mode) -> Float[Tensor, ""]:
     """``‖OV_earlier W_later‖_F / (‖OV_earlier‖_F ‖W_later‖_F)`` for one pair of heads.
 
@@ -66,6 +74,7 @@ def composition_score(earlier: Head, later: Head, mode: Mode) -> Float[Tensor, "
             f"head {earlier.layer}.{earlier.index} must be in an earlier layer than "
             f"head {later.layer}.{later.index} to write into what it reads"
         )
+    _defined(later.model, mode)
     left = earlier.ov
     right = _reader(mode, later.W_Q, later.W_K, later.W_V, later.W_O)
     return (left @ right).norm() / (left.norm() * right.norm())
@@ -79,6 +88,7 @@ def composition_scores(model: Model, mode: Mode) -> Float[Tensor, "layer_a head_
     filled only for ``l1 < l2`` and is 0 elsewhere (TransformerLens'
     ``all_composition_scores`` convention). Work is d_head × d_head per pair.
     """
+    _defined(model, mode)
     W_Q, W_K, W_V, W_O = (w.float() for w in (model.W_Q, model.W_K, model.W_V, model.W_O))
     left = FactoredMatrix(W_V, W_O)
     right = _reader(mode, W_Q, W_K, W_V, W_O)

@@ -42,7 +42,8 @@ Components = Labelled  # the name decompositions had before the one result type
 
 
 def _layers_in(site: Site) -> tuple[int, int]:
-    """How many attention layers and MLP layers have written to the stream at ``site``."""
+    """How many attention layers and MLP layers have written to the stream at ``site``
+    (a parallel block has no ``resid_mid``: ``locate`` names one that is not a hook)."""
     if site.where == "final":
         return site.layer, site.layer
     attn = site.layer + (site.where in ("mid", "post"))
@@ -69,7 +70,7 @@ def decomposition_hooks(
     site = locate(model.cfg.n_layers, layer, where)
     n_attn, n_mlp = _layers_in(site)
     neurons = _neuron_layers(per_neuron, model.cfg.n_layers)
-    names = ["hook_embed", "hook_pos_embed"]
+    names = ["hook_embed"] + (["hook_pos_embed"] if model.cfg.positional == "learned" else [])
     for layer in range(max(n_attn, n_mlp)):
         if layer < n_attn:
             names.append(
@@ -122,7 +123,10 @@ def contributions(
     def bias(b: Float[Tensor, " d_model"]) -> Tensor:
         return project(w(b).expand(1, *ref.shape))
 
-    labels, parts = ["embed", "pos_embed"], [project(torch.stack([ref, cache["hook_pos_embed"]]))]
+    labels, parts = ["embed"], [project(ref[None])]
+    if model.cfg.positional == "learned":  # rotary models add positions inside attention
+        labels.append("pos_embed")
+        parts.append(project(cache["hook_pos_embed"][None]))
     for lyr in range(max(n_attn, n_mlp)):
         blk = model.blocks[lyr]
         if lyr < n_attn:

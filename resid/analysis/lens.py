@@ -168,10 +168,13 @@ def logit_attribution(
         raise KeyError("this cache is empty: run_with_cache(..., names_filter=None) caches enough")
     u = unembed_direction(model, target, ref.shape[0]).to(ref)
     wu = u * model.ln_final.w.detach().to(ref)
-    direction = wu - wu.mean(-1, keepdim=True)
+    rms = model.cfg.normalization == "RMS"  # RMSNorm divides by the scale without centring
+    direction = wu if rms else wu - wu.mean(-1, keepdim=True)
     parts = contributions(
         cache, None, "final", heads=heads, per_neuron=per_neuron, direction=direction
     )
     values = parts.components / final_scale(cache)[None, ..., 0]
+    if rms:  # and has no bias
+        return Labelled.stack(parts.labels, values, parts.site)
     b_term = (u @ model.ln_final.b.detach().to(ref))[None, :, None].expand(1, *values.shape[1:])
     return Labelled.stack([*parts.labels, "ln_final.b"], torch.cat([values, b_term]), parts.site)

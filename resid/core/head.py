@@ -67,12 +67,23 @@ class Head:
         return self._attn.W_Q[self.index]
 
     @property
+    def kv_index(self) -> int:
+        """The key/value head this head reads through. With grouped-query attention several
+        query heads share one: their ``W_K``, ``W_V``, ``b_K``, ``b_V`` are the same views."""
+        return self._attn.kv_head(self.index)
+
+    @property
+    def shares_kv_with(self) -> list[int]:
+        """The query heads of this layer (itself included) that share its keys and values."""
+        return [h for h in range(self.model.cfg.n_heads) if self._attn.kv_head(h) == self.kv_index]
+
+    @property
     def W_K(self) -> Float[Tensor, "d_model d_head"]:
-        return self._attn.W_K[self.index]
+        return self._attn.W_K[self.kv_index]
 
     @property
     def W_V(self) -> Float[Tensor, "d_model d_head"]:
-        return self._attn.W_V[self.index]
+        return self._attn.W_V[self.kv_index]
 
     @property
     def W_O(self) -> Float[Tensor, "d_head d_model"]:
@@ -84,11 +95,11 @@ class Head:
 
     @property
     def b_K(self) -> Float[Tensor, " d_head"]:
-        return self._attn.b_K[self.index]
+        return self._attn.b_K[self.kv_index]
 
     @property
     def b_V(self) -> Float[Tensor, " d_head"]:
-        return self._attn.b_V[self.index]
+        return self._attn.b_V[self.kv_index]
 
     @property
     def b_O(self) -> Float[Tensor, " d_model"]:
@@ -100,8 +111,28 @@ class Head:
     @property
     def qk(self) -> FactoredMatrix:
         """``W_Q W_Kᵀ`` ``[d_model, d_model]``: ``x_q @ qk @ x_kᵀ`` is the bias-free score
-        (before the 1/√d_head scale)."""
+        (before the attention scale). A rotary head has no such matrix: its scores depend
+        on the distance between query and key, so this refuses; use ``qk_at(offset)``."""
+        if self._attn.rotary is not None:
+            raise ValueError(
+                f"{self!r} rotates its queries and keys by position, so its QK circuit depends "
+                "on the distance between them: use head.qk_at(offset) for query position - key "
+                "position = offset"
+            )
         return FactoredMatrix(self.W_Q, self.W_K.T)
+
+    def qk_at(self, offset: int) -> FactoredMatrix:
+        """The QK circuit for a query ``offset`` positions after its key (``offset >= 0``):
+        ``W_Q R W_Kᵀ`` with ``R`` the rotation by ``offset`` positions, so that
+        ``x_q @ qk_at(i - j) @ x_kᵀ`` is the bias-free score of query ``i`` and key ``j``
+        (before the attention scale). Without rotary embeddings it is ``qk`` at every offset.
+
+        >>> head.qk_at(3)     # a query three tokens after its key
+        """
+        if self._attn.rotary is None:
+            return self.qk
+        R = self._attn.rotary.matrix(operator.index(offset), self.model.cfg.d_head)
+        return FactoredMatrix(self.W_Q @ R.to(self.W_Q), self.W_K.T)
 
     @property
     def ov(self) -> FactoredMatrix:
@@ -112,14 +143,16 @@ class Head:
     @property
     def full_qk(self) -> FactoredMatrix:
         """``W_E W_Q W_Kᵀ W_Eᵀ`` ``[d_vocab, d_vocab]``: query token × key token."""
-        W_E = self.model.W_E
-        return FactoredMatrix(W_E @ self.W_Q, self.W_K.T @ W_E.T)
+        qk, W_E = self.qk, self.model.W_E  # a rotary head refuses: its QK depends on position
+        return FactoredMatrix(W_E @ qk.A, qk.B @ W_E.T)
 
     @property
     def pos_qk(self) -> FactoredMatrix:
         """``W_pos W_Q W_Kᵀ W_posᵀ`` ``[n_ctx, n_ctx]``: query position × key position."""
-        W_pos = self.model.W_pos
-        return FactoredMatrix(W_pos @ self.W_Q, self.W_K.T @ W_pos.T)
+        if self.model.cfg.positional != "learned":
+            raise ValueError(f"{self!r}'s model has no position embedding W_pos (it is rotary)")
+        qk, W_pos = self.qk, self.model.W_pos
+        return FactoredMatrix(W_pos @ qk.A, qk.B @ W_pos.T)
 
     @property
     def full_ov(self) -> FactoredMatrix:

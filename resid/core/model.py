@@ -63,10 +63,18 @@ class Spliceable(Protocol):
 
 
 def _stacked(module: str, name: str, shape: str) -> property:
-    """A ``Model`` property: every block's ``module.name``, stacked on a leading layer axis."""
+    """A ``Model`` property: every block's ``module.name``, stacked on a leading layer axis.
+    Keys and values are given per query head, so with grouped-query attention the heads
+    that share one appear once each (a copy, as the whole stack is)."""
 
     def get(self: Model) -> Tensor:
-        return torch.stack([getattr(getattr(block, module), name) for block in self.blocks])
+        parts = []
+        for block in self.blocks:
+            t = getattr(getattr(block, module), name)
+            if name in ("W_K", "W_V", "b_K", "b_V"):
+                t = t[[block.attn.kv_head(h) for h in range(self.cfg.n_heads)]]
+            parts.append(t)
+        return torch.stack(parts)
 
     return property(get, doc=f"``[{shape}]``: each block's ``{module}.{name}``, stacked (a copy).")
 
@@ -159,7 +167,13 @@ class Model(nn.Module):
 
     @property
     def QK(self) -> FactoredMatrix:
-        """Every head's ``W_Q W_Kᵀ``, factored: ``[layer, head, d_model, d_model]``."""
+        """Every head's ``W_Q W_Kᵀ``, factored: ``[layer, head, d_model, d_model]`` (refused
+        for rotary models, whose QK depends on position: see ``Head.qk_at``)."""
+        if self.cfg.positional == "rotary":
+            raise ValueError(
+                "a rotary model's QK circuits depend on the query-key distance: use "
+                "model.head(layer, h).qk_at(offset)"
+            )
         return FactoredMatrix(self.W_Q, self.W_K.mT)
 
     @property

@@ -28,6 +28,8 @@ _IN_BLOCK = {
     "q": "attn.hook_q",
     "k": "attn.hook_k",
     "v": "attn.hook_v",
+    "rot_q": "attn.hook_rot_q",  # rotary models: q and k after rotation
+    "rot_k": "attn.hook_rot_k",
     "z": "attn.hook_z",
     "result": "attn.hook_result",
     "attn_scores": "attn.hook_attn_scores",

@@ -74,15 +74,33 @@ class Neuron:
         return self._block.mlp.b_in[self.index]
 
     @property
+    def gated(self) -> bool:
+        """A gated (SwiGLU) neuron reads twice: ``gate`` through the nonlinearity, ``read``
+        linearly, and its activation is their product."""
+        return self._block.mlp.gated
+
+    @property
+    def gate(self) -> Float[Tensor, " d_model"]:
+        """``W_gate[:, i]``: a gated neuron's second read, the one its nonlinearity sees."""
+        if not self.gated:
+            raise AttributeError(f"{self!r} is not gated: it has one read vector, .read")
+        return self._block.mlp.W_gate[:, self.index]
+
+    @property
     def site(self) -> str:
-        """The stream it reads: ``blocks.{layer}.hook_resid_mid`` (through ``ln2``)."""
-        return f"blocks.{self.layer}.hook_resid_mid"
+        """The stream it reads (through ``ln2``): ``blocks.{layer}.hook_resid_mid``, or
+        ``hook_resid_pre`` in a parallel block (GPT-NeoX), whose MLP reads that."""
+        return f"blocks.{self.layer}.hook_resid_{self._where}"
+
+    @property
+    def _where(self) -> str:
+        return "pre" if self._block.parallel else "mid"
 
     def _resid_mid(self, x: ResidualStream | State | ActivationCache | Tensor) -> Tensor:
         if isinstance(x, ActivationCache):
             return x[self.site]
         if isinstance(x, (ResidualStream, State)):
-            if x.site != self.site or getattr(x, "where", "mid") != "mid":
+            if x.site != self.site or getattr(x, "where", self._where) != self._where:
                 raise ValueError(
                     f"neuron L{self.layer}N{self.index} reads {self.site}, not {x.site}: pass "
                     "that stream, or its .tensor / .vector to apply the neuron to this one anyway"
@@ -110,7 +128,12 @@ class Neuron:
         x = self._resid_mid(x)
         normalised = self._block.ln2.plain(x)
         pre = normalised @ self.read.to(x) + self.bias.to(x)  # query the normalised state
-        out = self._block.mlp.act(pre)
+        mlp = self._block.mlp
+        if self.gated:  # act(gate read) * linear read
+            gate = normalised @ self.gate.to(x) + mlp.b_gate[self.index].to(x)
+            out = mlp.act(gate) * pre
+        else:
+            out = mlp.act(pre)
         return out.item() if out.dim() == 0 else out
 
     def output(
@@ -129,7 +152,9 @@ class Neuron:
         with torch.no_grad():
             v = self.write.detach()
             if through_ln:
-                v = (v - v.mean()) * self.model.ln_final.w.detach()
+                if self.model.cfg.normalization == "LN":
+                    v = v - v.mean()
+                v = v * self.model.ln_final.w.detach()
             logits = v @ self.model.W_U.detach()
             k = min(k, logits.shape[0])
             up, down = logits.topk(k), logits.topk(k, largest=False)

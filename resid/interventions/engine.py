@@ -18,6 +18,7 @@ from torch import Tensor
 
 from resid.core.layers import KVStore, Mask, affine
 from resid.core.model import Model
+from resid.core.names import act_name
 from resid.interventions.metrics import Metric
 
 # site -> (hook name within block l, where a patched copy rejoins the forward)
@@ -39,8 +40,8 @@ HEAD_SITES = ("z", "q", "k", "v", "pattern")
 
 
 def hook_name(site: str, layer: int) -> str:
-    """``hook_name("z", 3) == "blocks.3.attn.hook_z"``."""
-    return f"blocks.{layer}.{SITES[site][0]}"
+    """``hook_name("z", 3) == "blocks.3.attn.hook_z"`` (``resid.act_name``)."""
+    return act_name(site, layer)
 
 
 def scalar(value, name: str = "metric") -> Tensor:
@@ -66,7 +67,8 @@ class Readout:
         self.model, self.metric, self.batch = model, metric, batch
         self.pos = metric.positions(batch, n_pos, attention_mask=mask)
         tokens = metric.token_ids(batch)
-        self.W_sel = None if tokens is None else model.W_E[tokens.to(model.device)]  # [b, k, d]
+        # the unembedding columns of the declared tokens, as rows: [b, k, d]
+        self.W_sel = None if tokens is None else model.W_U.T[tokens.to(model.device)]
         # causal: positions after the last one read never matter
         self.n_pos = n_pos if self.pos is None else int(self.pos.max()) + 1
         if self.pos is not None:
@@ -172,19 +174,21 @@ class Engine:
         return x, None
 
     def attend(self, layer: int, x: Tensor, start: int, edit: Tensor | None = None) -> Tensor:
-        """Block ``layer``'s attention half on positions ``start..`` of ``x``'s copies, over
+        """Block ``layer``'s attention half (a parallel block: all of it) on positions ``start..`` of ``x``'s copies, over
         the corrupted keys and values before ``start``; ``edit`` replaces the site's entries
         of every row (all are joining copies) with the clean run's."""
         reps = len(x) // self.b
+        k = "rot_k" if self.model.cfg.positional == "rotary" else "k"  # keys as attention saw them
         kv = KVStore(
-            self.c("k", layer)[:, :start].repeat(reps, 1, 1, 1),
+            self.c(k, layer)[:, :start].repeat(reps, 1, 1, 1),
             self.c("v", layer)[:, :start].repeat(reps, 1, 1, 1),
             frozen=True,
         )
         block = self.model.blocks[layer]
         mask = Mask(start, None if self.keys is None else self.keys.repeat(reps, 1))
+        run = block if block.parallel else block.attend  # a parallel block runs whole
         if edit is None:
-            return block.attend(x, mask, kv if start else None)
+            return run(x, mask, kv if start else None)
         clean = self.clean[hook_name(self.site, layer)]
         clean = (
             clean[:, :, start:, : x.shape[1] + start]
@@ -197,7 +201,7 @@ class Engine:
             return torch.where(edit, clean.to(act), act).flatten(0, 1)
 
         with self.model.hooks([(hook_name(self.site, layer), replace)]):
-            return block.attend(x, mask, kv if start else None)
+            return run(x, mask, kv if start else None)
 
     def run(self, cells: list[Cell], start: int) -> dict[int, Tensor]:
         """The metric of each cell (all sharing ``start``; by ``id``), in one batched pass.
@@ -226,7 +230,7 @@ class Engine:
                 state = None if state is None else self._at_read(state, start)
             if stage in ("pre", "mid"):
                 x = _cat(x, state)
-            if x is not None:
+            if x is not None and not self.model.blocks[layer].parallel:
                 x = self.model.blocks[layer].feed(x)
             if stage == "post":
                 x = _cat(x, state)

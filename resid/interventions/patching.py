@@ -239,17 +239,22 @@ def sweep(
     mask = model.check_mask(attention_mask, tokens.shape)
     metric = _as_metric(metric)
     cfg, (b, T) = model.cfg, tokens.shape
-    enclosing = bool(model.attached_hooks())
+    # a parallel block has no resid_mid at which the batched engine could join a copy: its
+    # attention and MLP outputs are patched by a plain forward per cell instead
+    plain = cfg.parallel_attn_mlp and (SITES[site][1] == "mid" or site == "mlp_out")
+    enclosing = plain or bool(model.attached_hooks())
     readout = Readout(model, metric, b, T, mask)
     if enclosing:
         readout.n_pos = T
     Te = readout.n_pos
     names = [hook_name(site, layer) for layer in range(cfg.n_layers)]
     clean_acts = _clean_acts(model, clean, names, tokens.shape, mask)
+    k = "rot_k" if cfg.positional == "rotary" else "k"  # the keys attention reads
     corr_names = {
-        hook_name(s, layer) for layer in range(cfg.n_layers) for s in ("resid_pre", "k", "v")
+        hook_name(s, layer) for layer in range(cfg.n_layers) for s in ("resid_pre", k, "v")
     }
-    corr_names |= {hook_name("resid_mid", layer) for layer in range(cfg.n_layers)}
+    if not cfg.parallel_attn_mlp:
+        corr_names |= {hook_name("resid_mid", layer) for layer in range(cfg.n_layers)}
     corr_names |= set(names) | {hook_name("resid_post", cfg.n_layers - 1)}
     with torch.no_grad():
         corr_logits, corr = model.run_with_cache(
@@ -265,9 +270,10 @@ def sweep(
         # under enclosing hooks every value is a plain forward's metric, the baseline too
         baseline = evaluate(metric, corr_logits, mask) if enclosing else readout.baseline()
 
-        axes, cells = _cells(site, by_pos, cfg.n_layers, T, cfg.n_heads)
+        H = cfg.kv_heads if site in ("k", "v") else cfg.n_heads
+        axes, cells = _cells(site, by_pos, cfg.n_layers, T, H)
         differs = [_differs(site, clean_acts[n], corr[n]).cpu() for n in names]
-        values = torch.full(_sizes(axes, cfg, T), float(baseline))
+        values = torch.full(_sizes(axes, cfg.n_layers, T, H), float(baseline))
         groups: dict[int, list[Cell]] = {}
         for cell in cells:
             m = cell.mask[:, :Te] if site == "pattern" else cell.mask[:Te]
@@ -327,8 +333,8 @@ def evaluate(metric: Metric, logits: Tensor, mask: Tensor | None) -> Tensor:
     return scalar(metric(logits, attention_mask=mask))
 
 
-def _sizes(axes: tuple[str, ...], cfg, T: int) -> list[int]:
-    return [{"layer": cfg.n_layers, "pos": T, "head": cfg.n_heads}[a] for a in axes]
+def _sizes(axes: tuple[str, ...], L: int, T: int, H: int) -> list[int]:
+    return [{"layer": L, "pos": T, "head": H}[a] for a in axes]
 
 
 # ---- attribution patching ------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""Beyond GPT-2: GPT-Neo, Pythia (GPT-NeoX), Llama (GQA, Llama 3 rotary scaling), Mistral
+(sliding window) and Qwen2 (q/k/v biases), each a tiny random `transformers` model saved
+with `save_pretrained` and loaded through resid, checked against Hugging Face and laws."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import resid
+from resid import CheckpointError, metrics
+from resid.interventions.patching import sweep
+
+V = 300
+COMMON = dict(
+    vocab_size=V, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1
+)
+LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+FAMILIES = {
+    "gpt_neo": lambda: GPTNeoForCausalLM(GPTNeoConfig(
+        hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, **COMMON)),
+    "pythia": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        rotary_pct=0.25, use_parallel_residual=True, **COMMON)),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(
+        **LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **COMMON)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(
+        **LLAMA, num_key_value_heads=1, sliding_window=5, **COMMON)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA, num_key_value_heads=2, **COMMON)),
+}  # fmt: skip
+
+
+def randomise(hf):
+    """Every parameter at std 0.1 (norm gains near 1), so logits are O(1) and every weight
+    matters in a comparison."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            gain = p.dim() == 1 and ("norm" in name or "ln" in name) and name.endswith("weight")
+            p.normal_(1.0 if gain else 0.0, 0.1)
+    return hf.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    hf = randomise(FAMILIES[request.param]())
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return request.param, hf, resid.load(folder, device="cpu"), folder
+
+
+TOKENS = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_logits_and_every_layer_match_hugging_face(family):
+    name, hf, model, _ = family
+    with torch.no_grad():
+        ref = hf(TOKENS, output_hidden_states=True)
+        logits, cache = model.run_with_cache(TOKENS)
+        plain = model(TOKENS)
+    assert (logits - ref.logits).abs().max() < 1e-4, name
+    for layer in range(model.cfg.n_layers):
+        ours = cache[f"blocks.{layer}.hook_resid_pre"]
+        assert (ours - ref.hidden_states[layer]).abs().max() < 1e-4, (name, layer)
+    assert torch.equal(logits, plain)  # observing changes nothing, in every family
+
+
+def test_greedy_generation_matches_hugging_face(family):
+    name, hf, model, _ = family
+    prompt = TOKENS[:1, :6]
+    ours = model.generate(prompt, max_new_tokens=10, temperature=0)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(family, side):
+    name, _, model, _ = family
+    rows = [TOKENS[0, :12], TOKENS[1, :7]]
+    width = 12
+    tokens = torch.ones(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        at = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        tokens[i, at], mask[i, at] = row, True
+    with torch.no_grad():
+        batched = model(tokens, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = model(row[None])[0]
+            assert (batched[i][mask[i]] - alone).abs().max() < 1e-5, (name, side, i)
+
+
+def test_decomposition_sums_to_the_stream(family):
+    name, _, model, _ = family
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+    for layer, where in [(1, "pre"), (None, "final")]:
+        stream = cache.stream(model.cfg.n_layers if layer is None else layer, where).tensor
+        total = cache.decompose_resid(layer, where).sum()
+        assert (total - stream).abs().max() <= 1e-5 * stream.abs().max(), name
+    target = 7
+    dla = cache.logit_attribution(target)
+    with torch.no_grad():
+        logits = model(TOKENS)
+    torch.testing.assert_close(dla.sum(), logits[..., target], atol=1e-4, rtol=0)
+
+
+def test_neurons_equal_hook_post(family):
+    name, _, model, _ = family
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+        for layer, index in [(0, 3), (1, 17)]:
+            n = model.neuron(layer, index)
+            got = n.activation(cache.stream(layer, "pre" if n._block.parallel else "mid"))
+            want = cache[f"blocks.{layer}.mlp.hook_post"][..., index]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if model.cfg.gated_mlp:
+        assert n.gated and n.gate.shape == (model.cfg.d_model,)
+
+
+def test_rotary_qk_at_an_offset_reproduces_the_scores(family):
+    name, _, model, _ = family
+    if model.cfg.positional != "rotary":
+        pytest.skip(f"{name} has learned positions")
+    layer, h = 1, 2
+    head = model.head(layer, h)
+    with pytest.raises(ValueError, match="qk_at"):
+        head.qk
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS[:1])
+    x = cache[f"blocks.{layer}.ln1.hook_normalized"][0] * model.blocks[layer].ln1.w
+    if model.cfg.normalization == "LN":
+        x = x + model.blocks[layer].ln1.b
+    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, h]
+    scale = model.blocks[layer].attn.scale
+    for i, j in [(5, 5), (7, 3), (11, 8)]:  # within Mistral's window of 5
+        qk = head.qk_at(i - j)
+        bias_free = (x[i] @ qk.A) @ (qk.B @ x[j])
+        if model.cfg.attn_bias:  # the query and key biases, rotated with them
+            continue
+        torch.testing.assert_close(bias_free * scale, scores[i, j], atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_heads_share_views(family):
+    name, _, model, _ = family
+    if model.cfg.kv_heads == model.cfg.n_heads:
+        pytest.skip(f"{name} has one key/value head per query head")
+    a, b = model.head(0, 0), model.head(0, 1)
+    assert a.shares_kv_with == b.shares_kv_with and len(a.shares_kv_with) > 1
+    assert a.W_K.data_ptr() == b.W_K.data_ptr()  # views of the same weights, not copies
+    assert (
+        a.W_K.untyped_storage().data_ptr()
+        == model.blocks[0].attn.W_QKV.untyped_storage().data_ptr()
+    )
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "mlp_out"])
+def test_sweeps_equal_one_forward_per_cell(family, site):
+    name, _, model, _ = family
+    clean = TOKENS[:, :6].clone()
+    corrupted = clean.clone()
+    corrupted[:, 2] = (corrupted[:, 2] + 5) % V
+    metric = metrics.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]), pos=-1)
+    result = sweep(model, corrupted, clean, metric, site, by_pos=site != "z", progress=False)
+    _, cache = model.run_with_cache(clean)
+    for layer in range(model.cfg.n_layers):
+        hook = resid.act_name(site, layer)
+        for p in range(6) if site != "z" else [None]:
+            heads = range(model.cfg.n_heads) if site == "z" else [None]
+            for h in heads:
+
+                def put(act, hook_point, p=p, h=h):
+                    act = act.clone()
+                    if h is None:
+                        act[:, p] = cache[hook][:, p]
+                    else:
+                        act[:, :, h] = cache[hook][:, :, h]
+                    return act
+
+                with torch.no_grad():
+                    value = metric(model.run_with_hooks(corrupted, fwd_hooks=[(hook, put)]))
+                got = result.values[layer, p] if h is None else result.values[layer, h]
+                assert abs(float(got) - float(value)) < 1e-4, (name, site, layer, p, h)
+
+
+def test_bad_configs_are_checkpoint_errors(family, tmp_path):
+    name, _, _, folder = family
+    good = json.loads((folder / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    heads = "num_heads" if name == "gpt_neo" else "num_attention_heads"
+    bad = {
+        "unsupported": ({"model_type": "bert", "architectures": ["BertModel"]}, "supports"),
+        "heads": ({heads: 3}, ""),
+        "shapes": ({"intermediate_size": 100, "vocab_size": V}, "mis-shaped"),
+    }
+    if name not in ("gpt_neo",):
+        bad["rotary"] = (
+            {"rotary_pct": 1.5, "rope_parameters": {"partial_rotary_factor": 1.5}},
+            "rotary",
+        )
+    if name in ("llama", "mistral", "qwen2"):
+        bad["gqa"] = ({"num_key_value_heads": 3}, "n_kv_heads")
+    for what, (change, message) in bad.items():
+        (tmp_path / "config.json").write_text(json.dumps(good | change))
+        with pytest.raises(CheckpointError, match=message):
+            resid.load(tmp_path, device="cpu")
