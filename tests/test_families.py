@@ -143,7 +143,7 @@ def test_rotary_qk_at_an_offset_reproduces_the_scores(family):
     layer, h = 1, 2
     head = model.head(layer, h)
     with pytest.raises(ValueError, match="qk_at"):
-        head.qk
+        _ = head.qk
     with torch.no_grad():
         _, cache = model.run_with_cache(TOKENS[:1])
     x = cache[f"blocks.{layer}.ln1.hook_normalized"][0] * model.blocks[layer].ln1.w
@@ -187,7 +187,7 @@ def test_sweeps_equal_one_forward_per_cell(family, site):
             heads = range(model.cfg.n_heads) if site == "z" else [None]
             for h in heads:
 
-                def put(act, hook_point, p=p, h=h):
+                def put(act, hook_point, p=p, h=h, hook=hook):
                     act = act.clone()
                     if h is None:
                         act[:, p] = cache[hook][:, p]
@@ -220,5 +220,6 @@ def test_bad_configs_are_checkpoint_errors(family, tmp_path):
         bad["gqa"] = ({"num_key_value_heads": 3}, "n_kv_heads")
     for what, (change, message) in bad.items():
         (tmp_path / "config.json").write_text(json.dumps(good | change))
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message):  # noqa: PT012
+            print(what)
             resid.load(tmp_path, device="cpu")
