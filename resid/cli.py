@@ -4,6 +4,8 @@ resid compare MODEL_OR_PATH [--prompt TEXT ...] [--device cuda] [--dtype bfloat1
 resid info MODEL_OR_PATH
 resid attention MODEL_OR_PATH "prompt" [--out DIR] [--layers 0,3-5] [--heads 0-3] [--format html,png]
 resid attention MODEL_OR_PATH --prompts-file prompts.txt [--out DIR]
+resid harvest MODEL_OR_PATH CORPUS --out DIR --sites blocks.5.mlp.hook_post [--activations] [--resume]
+resid dashboard HARVEST_DIR --out DIR [--sites ...] [--units 0-99]
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from resid.io import harvest as harvesting
 from resid.io.compare import compare, format_report
 from resid.io.loading import load
+from resid.viz import dashboard
 from resid.viz.attention_pages import check_out, write_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,6 +92,45 @@ def _attention(args) -> int:
     return 0
 
 
+def _harvest(args) -> int:
+    window = tuple(int(x) for x in args.window.split(","))
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = harvesting.init_distributed(args.device, args.dist_timeout)
+    try:
+        model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+        out = harvesting.harvest(
+            model, args.corpus, args.out, args.sites, stats=not args.no_stats,
+            activations=args.activations, context_length=args.context_length, mode=args.mode,
+            batch_size=args.batch_size, shard_batches=args.shard_batches,
+            max_tokens=args.max_tokens,
+            store_dtype=DTYPES[args.store_dtype] if args.store_dtype else None, k=args.k,
+            window=window, active_threshold=args.active_threshold, exclude_bos=args.exclude_bos,
+            text_field=args.text_field, split=args.split, resume=args.resume,
+            progress=not args.quiet, log=args.log, label=args.model,
+        )  # fmt: skip
+    finally:
+        if created and world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        info = harvesting.read_harvest(out)
+        print(f"resid harvest: {info['tokens']:,} tokens at {len(info['sites'])} site(s) "
+              f"on {world} process(es) -> {out}/")  # fmt: skip
+    return 0
+
+
+def _dashboard(args) -> int:
+    dashboard.check_out(args.out)  # before loading a model
+    model = None
+    if not args.no_model:
+        model = load(args.model or harvesting.read_harvest(args.harvest)["model"], device="cpu")
+    out, n = dashboard.write_dashboard(
+        args.harvest, args.out, model=model, sites=args.sites, units=args.units,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(f"resid dashboard: {n} unit page{'s' * (n != 1)} -> {out}/ (open {out / 'index.html'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resid", description="GPT-2 interpretability from the command line"
@@ -133,6 +177,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truncate", action="store_true",
                    help="keep the first n_ctx tokens of a longer prompt (default: refuse it)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("harvest", _harvest,
+            "activations and per-unit statistics over a corpus (torchrun-aware, resumable)")  # fmt: skip
+    p.add_argument("corpus", help=".txt (one document a line), .jsonl, or a saved datasets folder")
+    p.add_argument("--out", required=True, help="folder to write (resumable with --resume)")
+    p.add_argument("--sites", required=True,
+                   help="hook names, comma-separated, e.g. blocks.5.mlp.hook_post")  # fmt: skip
+    p.add_argument("--activations", action="store_true",
+                   help="store every token's activations as safetensors shards")  # fmt: skip
+    p.add_argument("--no-stats", action="store_true", help="no per-unit statistics")
+    p.add_argument("--context-length", type=int,
+                   help="tokens a context (default: 128, or the model's context if shorter)")  # fmt: skip
+    p.add_argument("--mode", choices=("concat", "rows"), default="concat",
+                   help="concat: documents joined by BOS and cut; rows: one document a row")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="contexts a forward (8)")
+    p.add_argument("--shard-batches", type=int, default=16,
+                   help="batches a shard: the unit of work and of resumption (16)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens")
+    p.add_argument("--store-dtype", choices=DTYPES, help="dtype of stored activations")
+    p.add_argument("--k", type=int, default=16, help="top activating tokens kept a unit (16)")
+    p.add_argument("--window", default="12,4", help="tokens before,after each top token (12,4)")
+    p.add_argument("--active-threshold", type=float, default=0.0,
+                   help="a unit is active above this (0)")  # fmt: skip
+    p.add_argument("--exclude-bos", action="store_true", help="leave <|endoftext|> tokens out")
+    p.add_argument("--text-field", default="text", help="the .jsonl/datasets text field")
+    p.add_argument("--split", help="the split of a saved DatasetDict (default: train)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted harvest")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds for the torch.distributed rendezvous and each collective")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log", action="store_true", help="a line per committed chunk")
+
+    p = sub.add_parser("dashboard", help="offline HTML pages of a harvest's units",
+                       description="offline HTML pages of a harvest's units")  # fmt: skip
+    p.add_argument("harvest", help="a folder written by resid harvest")
+    p.add_argument("--out", default="resid-dashboard", help="folder to write (%(default)s)")
+    p.add_argument("--sites", help="sites to show, comma-separated (default: all)")
+    p.add_argument("--units", help="units to page, e.g. 0-99 (default: all)")
+    p.add_argument("--model", help="the model for token strings and logit effects "
+                                   "(default: the one the harvest names)")  # fmt: skip
+    p.add_argument("--no-model", action="store_true",
+                   help="do not load a model: token ids, no logit effects")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_dashboard)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

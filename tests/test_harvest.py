@@ -1,0 +1,354 @@
+"""resid harvest: statistics and top-k against a brute force written plainly here, one
+process against two (gloo), SIGKILL + --resume against a clean run, and bad input."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import resid
+from resid.io import harvest as H
+from resid.io.corpus import CorpusError
+
+SITES = ["blocks.1.mlp.hook_post", "blocks.0.hook_resid_post"]
+SETTINGS = dict(context_length=24, batch_size=3, shard_batches=2, k=5, window=(3, 2))
+MAX_TOKENS = 1500
+
+
+def stdlib_documents() -> list[str]:
+    """Docstrings every Python install has, one document a line."""
+    import collections
+    import json as json_module
+    import textwrap
+
+    docs = []
+    for module in (collections, json_module, textwrap, os.path, random):
+        for obj in vars(module).values():
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if doc:
+                docs.append(" ".join(doc.split()))
+    return list(dict.fromkeys(docs))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n".join(stdlib_documents()) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean(tiny, corpus, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run, one thread (the reference for the others)."""
+    out = tmp_path_factory.mktemp("clean") / "h"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        H.harvest(tiny, corpus, out, SITES, activations=True, max_tokens=MAX_TOKENS,
+                  progress=False, **SETTINGS)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# ---- the brute force -------------------------------------------------------------------
+
+
+def plain_contexts(tokenizer, docs: list[str], length: int, max_tokens: int) -> list[list[int]]:
+    bos = tokenizer.bos_token_id
+    stream = []
+    for doc in docs:
+        ids = tokenizer.encode(doc)
+        if ids:
+            stream += ids + [bos]
+    rows, seen = [], 0
+    for start in range(0, len(stream) - (length - 1) + 1, length - 1):
+        rows.append([bos] + stream[start : start + length - 1])
+        seen += length
+        if seen >= max_tokens:
+            break
+    return rows
+
+
+def plain_bin(x: float) -> int:
+    mags = [2.0**e * (1 + j / 4) for e in range(-12, 12) for j in range(4)] + [2.0**12]
+    p = sum(1 for m in mags if m <= abs(x))
+    return 97 - p if x < 0 else 97 + p
+
+
+def brute_force(model, corpus: Path, site: str, k: int, window: tuple[int, int]):
+    docs = [line for line in corpus.read_text().splitlines() if line.strip()]
+    rows = plain_contexts(model.tokenizer, docs, SETTINGS["context_length"], MAX_TOKENS)
+    acts = []
+    with torch.no_grad():
+        for i in range(0, len(rows), SETTINGS["batch_size"]):  # the harvest's batches
+            _, cache = model.run_with_cache(torch.tensor(rows[i : i + SETTINGS["batch_size"]]),
+                                            names_filter=[site])  # fmt: skip
+            acts.append(cache[site])
+    acts = torch.cat(acts)  # [contexts, pos, units]
+    tokens = torch.tensor(rows)
+    n_ctx, length, units = acts.shape
+    flat = acts.reshape(-1, units)
+    x = flat.double()
+    out = {
+        "count": flat.shape[0],
+        "mean": x.mean(0),
+        "var": x.var(0, correction=0),
+        "max": flat.max(0).values,
+        "min": flat.min(0).values,
+        "active": (flat > 0).sum(0),
+    }
+    hist = torch.zeros(units, 195, dtype=torch.int64)
+    for u in range(0, units, 37):  # a sample of units, value by value
+        for v in flat[:, u].tolist():
+            hist[u, plain_bin(v)] += 1
+    out["hist_sample"] = hist
+    top = []
+    columns, token_list = acts.permute(2, 0, 1).tolist(), tokens.tolist()  # [units][ctx][pos]
+    for u in range(units):
+        col = [v for row in columns[u] for v in row]
+        ranked = sorted(range(len(col)), key=lambda i: (-col[i], i))[:k]
+        entries = []
+        for i in ranked:
+            c, p = divmod(i, length)
+            win = [(token_list[c][q], columns[u][c][q]) if 0 <= q < length else None
+                   for q in range(p - window[0], p + window[1] + 1)]  # fmt: skip
+            entries.append((col[i], i, win))
+        top.append(entries)
+    out["top"] = top
+    out["acts"], out["tokens"] = flat, tokens.reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_statistics_equal_brute_force(tiny, corpus, clean, site):
+    s = H.load_stats(clean, site)
+    ref = brute_force(tiny, corpus, site, SETTINGS["k"], SETTINGS["window"])
+    assert int(s["count"]) == ref["count"]
+    torch.testing.assert_close(s["mean"], ref["mean"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(s["var"], ref["var"], rtol=1e-6, atol=1e-9)
+    assert torch.equal(s["max"], ref["max"]) and torch.equal(s["min"], ref["min"])
+    assert torch.equal(s["active"], ref["active"])
+    sampled = ref["hist_sample"].sum(1) > 0
+    assert torch.equal(s["hist"][sampled], ref["hist_sample"][sampled])
+    assert torch.equal(s["hist"].sum(1), torch.full_like(s["hist"][:, 0], ref["count"]))
+    for u, entries in enumerate(ref["top"]):
+        assert s["top_index"][u].tolist() == [i for _, i, _ in entries]
+        assert s["top_values"][u].tolist() == [v for v, _, _ in entries]
+        for j, (_, _, win) in enumerate(entries):
+            got_t, got_a = s["top_tokens"][u, j].tolist(), s["top_acts"][u, j].tolist()
+            assert got_t == [w[0] if w else -1 for w in win]
+            assert all(
+                (w is None and a != a) or (w and a == w[1]) for w, a in zip(win, got_a, strict=True)
+            )
+    # the shards hold every real token's activations, in corpus order, bit-identical
+    rows = torch.cat([shard[site] for shard in H.iter_shards(clean)])
+    assert torch.equal(rows, ref["acts"])
+    index = torch.cat([shard["index"] for shard in H.iter_shards(clean)])
+    assert torch.equal(index, torch.arange(ref["count"]))
+
+
+def test_rows_mode_leaves_padding_out(tiny, tmp_path):
+    docs = ["short one", "a somewhat longer document with more words in it than the first",
+            "mid length text here"]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    out = H.harvest(tiny, path, tmp_path / "h", ["blocks.0.hook_resid_post"], mode="rows",
+                    context_length=12, batch_size=3, text_field="body", activations=True,
+                    progress=False)  # fmt: skip
+    lengths = [min(len(tiny.tokenizer.encode(d)) + 1, 12) for d in docs]
+    s = H.load_stats(out, "blocks.0.hook_resid_post")
+    assert int(s["count"]) == sum(lengths)
+    (shard,) = H.iter_shards(out)
+    want = [c * 12 + p for c, n in enumerate(lengths) for p in range(n)]
+    assert shard["index"].tolist() == want
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tiny.to_tokens(docs[0]),
+                                       names_filter=["blocks.0.hook_resid_post"])  # fmt: skip
+    torch.testing.assert_close(shard["blocks.0.hook_resid_post"][: lengths[0]],
+                               cache["blocks.0.hook_resid_post"][0], rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+# ---- two processes -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, corpus: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    H.init_distributed("cpu", timeout_s=60)
+    try:
+        model = resid.load(model_dir, device="cpu")
+        H.harvest(model, corpus, out, SITES, activations=True, max_tokens=MAX_TOKENS,
+                  progress=False, **SETTINGS)  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one(tiny_dir, corpus, clean, tmp_path):
+    out = tmp_path / "h2"
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_dir), str(corpus), str(out)), nprocs=2,
+             join=True)  # fmt: skip
+    one, two = H.read_harvest(clean), H.read_harvest(out)
+    assert two["world_size"] == 2 and two["tokens"] == one["tokens"]
+    assert [s["path"] for s in one["shards"]] == [s["path"] for s in two["shards"]]
+    for a, b in zip(H.iter_shards(clean), H.iter_shards(out), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # bit-identical
+    for site in SITES:
+        a, b = H.load_stats(clean, site), H.load_stats(out, site)
+        for name in ("count", "max", "min", "active", "hist", "top_index", "top_values",
+                     "top_tokens"):  # fmt: skip
+            assert torch.equal(a[name], b[name]), name
+        assert torch.equal(a["top_acts"].nan_to_num(-9), b["top_acts"].nan_to_num(-9))
+        torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(a["var"], b["var"], rtol=1e-6, atol=1e-12)
+    assert not (out / "ranks").exists()
+
+
+# ---- kill and resume ----------------------------------------------------------------------
+
+
+def _kill_after(args: list[str], commits: int, delay: float) -> None:
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    seen = 0
+    try:
+        for line in proc.stderr:
+            if "committed chunk" in line:
+                seen += 1
+                if seen == commits:
+                    time.sleep(delay)
+                    break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+
+
+def test_sigkill_then_resume_equals_clean_run(tiny, tiny_dir, corpus, clean, tmp_path):
+    args = [sys.executable, "-m", "resid", "harvest", str(tiny_dir), str(corpus),
+            "--sites", ",".join(SITES), "--activations", "--max-tokens", str(MAX_TOKENS),
+            "--context-length", "24", "--batch-size", "3", "--shard-batches", "2", "--k", "5",
+            "--window", "3,2", "--quiet", "--log", "--device", "cpu"]  # fmt: skip
+    rng = random.Random(0)
+    for point, commits in enumerate((1, 3)):
+        out = tmp_path / f"killed{point}"
+        _kill_after([*args, "--out", str(out)], commits, rng.uniform(0, 0.02))
+        assert H._read_manifest(out)["harvest"]["status"] == "running"
+        with pytest.raises(H.HarvestError, match="--resume"):
+            H.harvest(tiny, corpus, out, SITES, activations=True, max_tokens=MAX_TOKENS,
+                      progress=False, **SETTINGS)  # fmt: skip
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            H.harvest(tiny, corpus, out, SITES, activations=True, max_tokens=MAX_TOKENS,
+                      progress=False, resume=True, **SETTINGS)  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+        ref, got = H.read_harvest(clean), H.read_harvest(out)
+        assert got["tokens"] == ref["tokens"] and got["shards"] == ref["shards"]
+        listed_ref = json.loads((clean / "resid-manifest.json").read_text())["files"]
+        listed_got = json.loads((out / "resid-manifest.json").read_text())["files"]
+        assert listed_got.keys() == listed_ref.keys()
+        for a, b in zip(H.iter_shards(clean), H.iter_shards(out), strict=True):
+            assert all(torch.equal(a[n], b[n]) for n in a)
+        for site in SITES:
+            a, b = H.load_stats(clean, site), H.load_stats(out, site)
+            for name in a:
+                assert torch.equal(a[name].nan_to_num(-9), b[name].nan_to_num(-9)), (site, name)
+        leftovers = sorted(p.name for p in out.rglob("*") if p.is_file())
+        assert not any(n.endswith(".partial") for n in leftovers) and not (out / "ranks").exists()
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+def test_empty_corpus_is_refused(tiny, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("\n  \n\n")
+    with pytest.raises(H.HarvestError, match="gives no context"):
+        H.harvest(tiny, path, tmp_path / "h", SITES, progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+def test_missing_text_field_is_refused(tiny, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no"}) + "\n")
+    with pytest.raises(CorpusError, match=r"line 2 .* no 'text' field .*'body'.*--text-field"):
+        H.harvest(tiny, path, tmp_path / "h", SITES, context_length=2, progress=False)
+
+
+def test_unknown_site_is_refused(tiny, corpus, tmp_path):
+    with pytest.raises(H.HarvestError, match="blocks.1.mlp.hook_post"):
+        H.harvest(tiny, corpus, tmp_path / "h", ["blocks.1.mlp.hook_pots"], progress=False)
+    with pytest.raises(H.HarvestError, match="not one vector per token"):
+        H.harvest(tiny, corpus, tmp_path / "h", ["blocks.0.attn.hook_pattern"], progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+def test_someone_elses_folder_is_refused_and_left_alone(tiny, corpus, clean, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(H.HarvestError, match="notes.txt"):
+        H.harvest(tiny, corpus, out, SITES, progress=False)
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(clean, copy)
+    (copy / "shards" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(H.HarvestError, match="extra.bin"):
+        H.harvest(tiny, corpus, copy, SITES, resume=True, progress=False)
+    (copy / "shards" / "extra.bin").unlink()
+    with pytest.raises(H.HarvestError, match="finished harvest"):
+        H.harvest(tiny, corpus, copy, SITES, progress=False)
+
+
+def test_world_size_change_on_resume_is_refused(tiny, corpus, clean, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(clean, copy)
+    manifest = json.loads((copy / "resid-manifest.json").read_text())
+    manifest["harvest"].update(world_size=2, status="running")
+    (copy / "resid-manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(H.HarvestError, match="started with 2 process.*resumed with 1"):
+        H.harvest(tiny, corpus, copy, SITES, activations=True, max_tokens=MAX_TOKENS,
+                  resume=True, progress=False, **SETTINGS)  # fmt: skip
+    with pytest.raises(H.HarvestError, match="different settings.*batch_size"):
+        manifest["harvest"].update(world_size=1)
+        (copy / "resid-manifest.json").write_text(json.dumps(manifest))
+        H.harvest(tiny, corpus, copy, SITES, activations=True, max_tokens=MAX_TOKENS,
+                  resume=True, progress=False, **{**SETTINGS, "batch_size": 4})  # fmt: skip
+
+
+def test_saved_datasets_folder(tiny, corpus, clean, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    docs = [line for line in corpus.read_text().splitlines() if line.strip()]
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "ds"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = H.harvest(tiny, tmp_path / "ds", tmp_path / "h", SITES, max_tokens=MAX_TOKENS,
+                        progress=False, **SETTINGS)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    a, b = H.load_stats(clean, SITES[0]), H.load_stats(out, SITES[0])
+    assert torch.equal(a["top_index"], b["top_index"]) and torch.equal(a["hist"], b["hist"])
+    with pytest.raises(CorpusError, match="no 'body' column"):
+        H.harvest(tiny, tmp_path / "ds", tmp_path / "h2", SITES, text_field="body", progress=False)
