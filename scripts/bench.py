@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -196,7 +197,6 @@ def main() -> None:
     }
     device, cuda = args.device, args.device.startswith("cuda")
     shape = QUICK if args.quick else SMALL
-    import transformer_lens
     from transformer_lens import patching as tl_patching
 
     report: dict = {
@@ -214,7 +214,7 @@ def main() -> None:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+            "transformer_lens": importlib.metadata.version("transformer-lens"),
             "resid": resid.__version__,
         },
         "device": device,
