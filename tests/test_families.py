@@ -5,6 +5,7 @@ with `save_pretrained` and loaded through resid, checked against Hugging Face an
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -222,3 +223,32 @@ def test_bad_configs_are_checkpoint_errors(family, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(good | change))
         with pytest.raises(CheckpointError, match=message):
             resid.load(tmp_path, device="cpu")
+
+
+def test_hook_sites_match_transformer_lens_bridge(family):
+    """Every site both have, against TransformerLens 4.3's bridge over the same weights."""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from resid.io.references import hf_tokenizer
+
+    name, hf, model, folder = family
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), hf_model=hf, device="cpu", tokenizer=hf_tokenizer()
+        )
+        with torch.no_grad():
+            _, theirs = bridge.run_with_cache(TOKENS)
+            _, ours = model.run_with_cache(TOKENS)
+    shared = [n for n in model.hook_names if n in theirs and theirs[n].shape == ours[n].shape]
+    assert len(shared) >= 8 * model.cfg.n_layers, (name, shared)
+    if name == "gpt_neo":  # the bridge's GPT-Neo hook_attn_scores holds the softmaxed pattern
+        for layer in range(model.cfg.n_layers):
+            n = f"blocks.{layer}.attn.hook_attn_scores"
+            torch.testing.assert_close(theirs[n], ours[n.replace("attn_scores", "pattern")])
+            shared.remove(n)
+    for n in shared:
+        a, b = ours[n], theirs[n]
+        masked = torch.isinf(a) | (b < -1e30)  # masked scores: -inf here, -inf or min there
+        assert (a[~masked] - b[~masked]).abs().max() <= 1e-4, (name, n)
