@@ -1,0 +1,318 @@
+"""Dashboards of a harvest: one offline HTML page per neuron or feature, and an index.
+
+>>> write_dashboard("harvest", "dash", model=model)   # dash/index.html, dash/<site>/<unit>.html
+
+A unit's page shows its activation histogram (inline SVG), its top activating contexts
+(each token shaded by the unit's activation there, the exact value on hover), and, for MLP
+neurons (``blocks.L.mlp.hook_post``/``hook_pre``) when a model is given, its logit effect:
+the tokens its write vector raises and lowers (``Neuron.logit_effect``). The index lists
+every unit with its max, mean and density (fraction of tokens active), sortable by clicking
+a column. Everything is in the pages: no script, style or font is fetched, and every
+string from the corpus or the tokenizer is HTML-escaped.
+
+The folder is written whole (``resid.core.files``): to a hidden sibling, with a manifest
+of what was written, then swapped in; an existing folder is replaced only when it holds
+exactly an earlier ``resid dashboard`` output.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from resid.core import files
+from resid.core.neuron import Neuron
+
+if TYPE_CHECKING:
+    from resid.core.model import Model
+
+WRITER = "resid dashboard"
+MARKER = '<meta name="generator" content="resid dashboard">'
+CSS = """body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;max-width:72em}
+a{color:#1a5fb4;text-decoration:none} h2{margin-bottom:.2em} .meta{color:#555;font-size:13px}
+table.units{border-collapse:collapse;font-size:13px} .units th{cursor:pointer;background:#eee;
+position:sticky;top:0} .units td,.units th{padding:2px 10px;text-align:right}
+.units td:first-child,.units th:first-child{text-align:left} .units tr:hover td{background:#eef}
+.ctx{font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap;line-height:1.9;
+margin:0 0 .3em 0} .ctx span{padding:1px 0;border-radius:2px} .ctx .max{outline:1.5px solid #000}
+.val{display:inline-block;width:6em;color:#555;font-family:ui-monospace,monospace;font-size:12px}
+.cols{display:flex;gap:3em;flex-wrap:wrap} .logit td{font-family:ui-monospace,monospace;
+font-size:12px;padding:0 8px} .hist rect{fill:#e66100} .hist text{font-size:10px;fill:#555}"""
+SORT_JS = """document.querySelectorAll('table.units th').forEach(function(th, col){
+th.addEventListener('click', function(){var body=th.closest('table').tBodies[0];
+var rows=Array.from(body.rows); var down=th.dataset.dir!=='desc'; th.dataset.dir=down?'desc':'asc';
+rows.sort(function(a,b){var x=a.cells[col].dataset.v, y=b.cells[col].dataset.v;
+var nx=parseFloat(x), ny=parseFloat(y); var c=(isNaN(nx)||isNaN(ny))?String(x).localeCompare(y):nx-ny;
+return down?-c:c;}); rows.forEach(function(r){body.appendChild(r);});});});"""
+
+Decode = Callable[[list[int]], list[str]]
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _show(token: str) -> str:
+    """A token as displayed: newlines and tabs made visible, then escaped."""
+    return _esc(token.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍"))
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.4g}"
+
+
+def _slug(site: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", site) or "site"
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    tail = f"<script>{script}</script>" if script else ""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{MARKER}'
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{body}{tail}"
+            "</body></html>\n")  # fmt: skip
+
+
+def _parse_units(spec: str | Sequence[int] | None, n: int) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    if not isinstance(spec, str):
+        units = sorted({int(u) for u in spec})
+    else:
+        units = set()
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            try:
+                a, b = int(lo), int(hi) if hi else int(lo)
+            except ValueError:
+                raise ValueError(
+                    f"--units takes numbers and ranges like 0-99,120, not {part!r}"
+                ) from None
+            if a > b:
+                raise ValueError(f"--units range {part!r} runs backwards")
+            if a < 0 or b >= n:  # checked before the range is expanded
+                raise ValueError(f"--units {part!r} is outside [0, {n})")
+            units.update(range(a, b + 1))
+        units = sorted(units)
+    bad = [u for u in units if not 0 <= u < n]
+    if bad:
+        raise ValueError(f"units {bad[:5]} are outside [0, {n})")
+    if not units:
+        raise ValueError(f"--units selects no unit in [0, {n})")
+    return units
+
+
+# ---- pieces of a unit page -------------------------------------------------------------
+
+
+def histogram_svg(
+    counts: torch.Tensor, edges: torch.Tensor, width: int = 560, height: int = 150
+) -> str:
+    """An inline SVG bar chart of the non-empty span of ``counts`` (one bar per bin, each
+    with its range and count on hover)."""
+    nz = counts.nonzero().flatten().tolist()
+    if not nz:
+        return "<p class=meta>no tokens</p>"
+    lo, hi = nz[0], nz[-1]
+    shown = counts[lo : hi + 1].tolist()
+    top = max(shown)
+    bw = width / len(shown)
+    bars = []
+    for i, c in enumerate(shown):
+        b = lo + i
+        left = "-∞" if b == 0 else f"{edges[b - 1].item():.3g}"
+        right = "∞" if b == len(edges) else f"{edges[b].item():.3g}"
+        h = 0 if c == 0 else max(1.0, (height - 20) * c / top)
+        bars.append(f'<rect x="{i * bw:.2f}" y="{height - 15 - h:.2f}" width="{max(bw - 1, 1):.2f}" '
+                    f'height="{h:.2f}"><title>[{left}, {right}): {c:,}</title></rect>')  # fmt: skip
+    first = "-∞" if lo == 0 else f"{edges[lo - 1].item():.3g}"
+    last = "∞" if hi == len(edges) else f"{edges[hi].item():.3g}"
+    labels = (f'<text x="0" y="{height - 2}">{_esc(first)}</text>'
+              f'<text x="{width}" y="{height - 2}" text-anchor="end">{_esc(last)}</text>'
+              f'<text x="{width}" y="10" text-anchor="end">max bin {top:,}</text>')  # fmt: skip
+    return (
+        f'<svg class=hist width="{width}" height="{height}" role="img" '
+        f'aria-label="activation histogram">{"".join(bars)}{labels}</svg>'
+    )
+
+
+def _shade(value: float, scale: float) -> str:
+    if math.isnan(value) or scale <= 0:
+        return "transparent"
+    a = min(abs(value) / scale, 1.0)
+    return f"rgba(230,97,0,{a:.3f})" if value > 0 else f"rgba(26,95,180,{a:.3f})"
+
+
+def context_html(
+    tokens: list[str], acts: list[float], center: int, value: float, scale: float
+) -> str:
+    """One top context: tokens shaded by activation, the exact value in each ``title``."""
+    spans = []
+    for i, (tok, a) in enumerate(zip(tokens, acts, strict=True)):
+        if tok is None:
+            continue
+        cls = ' class="max"' if i == center else ""
+        spans.append(f'<span{cls} style="background:{_shade(a, scale)}" '
+                     f'title="{_esc(repr(tok))}: {_fmt(a)}">{_show(tok)}</span>')  # fmt: skip
+    return f"<p class=ctx><span class=val>{_fmt(value)}</span>{''.join(spans)}</p>"
+
+
+def _logit_html(model: Model | None, site: str, unit: int) -> str:
+    m = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_(post|pre)", site)
+    if model is None or m is None:
+        return ""
+    effect = Neuron(model, int(m.group(1)), unit).logit_effect(k=10)
+
+    def rows(pairs):
+        return "".join(f"<tr><td>{_show(t)}</td><td>{v:+.3f}</td></tr>" for t, v in pairs)
+
+    return ("<h3>Logit effect</h3><p class=meta>the write vector W_out[i] through W_U "
+            "(no final LayerNorm)</p><div class=cols>"
+            f"<table class=logit><tr><th>raised</th><th></th></tr>{rows(effect.top)}</table>"
+            f"<table class=logit><tr><th>lowered</th><th></th></tr>{rows(effect.bottom)}</table></div>")  # fmt: skip
+
+
+# ---- writing ----------------------------------------------------------------------------
+
+
+def _read(harvest_dir: Path) -> tuple[dict, dict[str, str]]:
+    manifest = files.read_manifest(harvest_dir)
+    if manifest is None or manifest.get("writer") != "resid harvest":
+        raise ValueError(f"{harvest_dir} is not a resid harvest folder (no resid harvest manifest)")
+    info = manifest.get("harvest", {})
+    if info.get("status") != "complete":
+        raise ValueError(
+            f"{harvest_dir} holds an unfinished harvest: finish it with resid harvest --resume"
+        )
+    if not info.get("site_info"):
+        raise ValueError(f"{harvest_dir} has no statistics (it was harvested with --no-stats)")
+    return info, manifest["files"]
+
+
+def check_out(out: str | Path) -> Path:
+    """Raise now if ``out`` cannot be written or holds files resid dashboard did not write."""
+    return files.check_target(out, WRITER, "--out")
+
+
+def write_dashboard(
+    harvest_dir: str | Path,
+    out: str | Path,
+    model: Model | None = None,
+    sites: str | Sequence[str] | None = None,
+    units: str | Sequence[int] | None = None,
+    decode: Decode | None = None,
+    progress: bool = True,
+) -> tuple[Path, int]:
+    """Write the dashboard of a finished harvest to ``out``; returns ``(out, pages)``.
+
+    ``model`` gives token strings and neurons' logit effects (without one, tokens show
+    as ids unless ``decode`` maps ids to strings). ``sites``/``units`` choose what to page
+    (``units="0-99"``); the index lists the same units.
+
+    >>> write_dashboard("harvest", "dash", model=resid.load("gpt2"), units="0-99")
+    """
+    harvest_dir = Path(harvest_dir)
+    info, listed = _read(harvest_dir)
+    all_sites = list(info["site_info"])
+    if sites is None:
+        chosen = all_sites
+    else:
+        chosen = [s.strip() for s in sites.split(",")] if isinstance(sites, str) else list(sites)
+        missing = [s for s in chosen if s not in info["site_info"]]
+        if missing:
+            raise ValueError(f"the harvest has no statistics for {missing}; it has {all_sites}")
+    if decode is None and model is not None:
+        decode = model.tokenizer.decode_each
+    if decode is None:
+        decode = lambda ids: [f"[{i}]" for i in ids]  # noqa: E731
+    check_out(out)
+    n_pages = 0
+    index_rows = []
+    with files.replace_folder(out, WRITER, "--out") as tmp:
+        for site in chosen:
+            rel = info["site_info"][site]["stats"]
+            path = harvest_dir / rel
+            if listed.get(rel) is None or files.sha256(path) != listed[rel]:
+                raise ValueError(f"{path} is missing or changed since resid harvest wrote it")
+            st = load_file(str(path))
+            n_units = st["mean"].shape[0]
+            chosen_units = _parse_units(units, n_units)
+            folder = tmp / _slug(site)
+            folder.mkdir()
+            ids = sorted(
+                {int(t) for t in st["top_tokens"][chosen_units].unique().tolist() if t >= 0}
+            )
+            strings = dict(zip(ids, decode(ids), strict=True)) if ids else {}
+            for pos, u in enumerate(tqdm(chosen_units, desc=site, unit="unit", file=sys.stderr,
+                                         disable=not progress, leave=False)):  # fmt: skip
+                prev_u = chosen_units[pos - 1] if pos else None
+                next_u = chosen_units[pos + 1] if pos + 1 < len(chosen_units) else None
+                page = unit_html(st, site, u, info, strings, model, prev_u, next_u)
+                (folder / f"{u}.html").write_text(page, encoding="utf-8")
+                n_pages += 1
+                index_rows.append((site, u, st["max"][u].item(), st["mean"][u].item(),
+                                   st["frac_active"][u].item(), f"{_slug(site)}/{u}.html"))  # fmt: skip
+        (tmp / "index.html").write_text(index_html(info, index_rows), encoding="utf-8")
+    return files.target(out), n_pages
+
+
+def unit_html(st: dict, site: str, u: int, info: dict, strings: dict[int, str], model,
+              prev_u: int | None, next_u: int | None) -> str:  # fmt: skip
+    """One unit's page (see the module docstring)."""
+    count = int(st["count"][0])
+    center = int(info.get("window", [12, 4])[0])  # the ranked token's place in its window
+    vmax = st["max"][u].item()
+    vmin = st["min"][u].item()
+    scale = max(abs(vmax), abs(vmin) if vmax <= 0 else 0.0, 1e-12)
+    contexts = []
+    for j in range(st["top_values"].shape[1]):
+        value = st["top_values"][u, j].item()
+        if math.isnan(value):
+            continue
+        toks = [strings.get(int(t)) if int(t) >= 0 else None for t in st["top_tokens"][u, j]]
+        contexts.append(context_html(toks, st["top_acts"][u, j].tolist(), center, value, scale))
+    nav = ['<a href="../index.html">index</a>']
+    if prev_u is not None:
+        nav.insert(0, f'<a href="{prev_u}.html">← {prev_u}</a>')
+    if next_u is not None:
+        nav.append(f'<a href="{next_u}.html">{next_u} →</a>')
+    std = math.sqrt(max(st["var"][u].item(), 0.0))
+    body = (f'<p>{" · ".join(nav)}</p><h2>{_esc(site)} · unit {u}</h2>'
+            f"<p class=meta>{_esc(str(info.get('model', '')))} · {count:,} tokens · max {_fmt(vmax)} · "
+            f"min {_fmt(vmin)} · mean {_fmt(st['mean'][u].item())} · std {_fmt(std)} · "
+            f"density {st['frac_active'][u].item():.3%} (&gt; {_fmt(float(info.get('active_threshold', 0)))})</p>"
+            f"<h3>Activations</h3>{histogram_svg(st['hist'][u], st['edges'])}"
+            f"<p class=meta>bins of |x| four to an octave, mirrored below zero; hover a bar for its range</p>"
+            f"<h3>Top activating contexts</h3><p class=meta>orange: positive, blue: negative, "
+            f"the outlined token is the one ranked; hover a token for its exact activation</p>"
+            f"{''.join(contexts) or '<p class=meta>none</p>'}{_logit_html(model, site, u)}")  # fmt: skip
+    return _page(f"{site} · unit {u}", body)
+
+
+def index_html(info: dict, rows: list[tuple]) -> str:
+    """Every paged unit with max, mean and density; click a column heading to sort."""
+    cells = "".join(
+        f'<tr><td data-v="{_esc(site)}"><a href="{_esc(href)}">{_esc(site)} · {u}</a></td>'
+        f'<td data-v="{u}">{u}</td><td data-v="{vmax!r}">{_fmt(vmax)}</td>'
+        f'<td data-v="{mean!r}">{_fmt(mean)}</td><td data-v="{dens!r}">{dens:.3%}</td></tr>'
+        for site, u, vmax, mean, dens, href in rows
+    )
+    head = "".join(f"<th>{h}</th>" for h in ("site · unit", "unit", "max", "mean", "density"))
+    body = (f"<h2>resid dashboard</h2><p class=meta>{_esc(str(info.get('model', '')))} on "
+            f"{_esc(str(info.get('corpus', '')))} · {int(info.get('tokens', 0)):,} tokens · "
+            f"{len(rows)} units · click a heading to sort</p>"
+            f"<table class=units><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")  # fmt: skip
+    return _page("resid dashboard", body, SORT_JS)
