@@ -59,11 +59,25 @@ def randomise(hf):
     return hf.eval()
 
 
+def save_tokenizer(folder) -> None:
+    """A word-level tokenizer of the tiny vocabulary, saved as transformers would, with a
+    BOS that is not GPT-2's (as Llama's ``<s>`` is not)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<s>", "</s>"] + [f"w{i}" for i in range(2, V - 1)] + ["<unk>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>"}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     hf = randomise(FAMILIES[request.param]())
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
+    save_tokenizer(folder)
     return request.param, hf, resid.load(folder, device="cpu"), folder
 
 
@@ -252,3 +266,15 @@ def test_hook_sites_match_transformer_lens_bridge(family):
         a, b = ours[n], theirs[n]
         masked = torch.isinf(a) | (b < -1e30)  # masked scores: -inf here, -inf or min there
         assert (a[~masked] - b[~masked]).abs().max() <= 1e-4, (name, n)
+
+
+def test_compare_and_tokenizer(family):
+    """``resid compare`` on every family: Hugging Face (eager, sdpa) and the bridge agree;
+    strings get the family's own BOS."""
+    from resid.io.compare import compare
+
+    name, _, model, folder = family
+    assert model.to_tokens("w5 w7")[0].tolist() == [0, 5, 7]  # <s> first, not <|endoftext|>
+    report = compare(str(folder), prompts=["w3 w4 w5 w6", "w9 w8 w7"], device="cpu")
+    assert report.ok, (name, report)
+    assert {r.reference for r in report.rows} >= {"transformers (eager)", "transformers (sdpa)"}

@@ -13,6 +13,7 @@ the ``tokenizers`` library's.
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 
 import tokenizers
@@ -25,10 +26,23 @@ class Tokenizer:
     """Text ↔ token ids. ``bos_token_id`` (= ``eos_token_id`` = ``pad_token_id`` for GPT-2)
     is ``<|endoftext|>``."""
 
-    def __init__(self, backend: tokenizers.Tokenizer):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        bos: str = END_OF_TEXT,
+        eos: str | None = None,
+        pad: str | None = None,
+    ):
         self.backend = backend
-        self.backend.add_special_tokens([END_OF_TEXT])
-        self.bos_token_id = self.eos_token_id = self.pad_token_id = backend.token_to_id(END_OF_TEXT)
+        if backend.token_to_id(bos) is None:
+            self.backend.add_special_tokens([bos])
+        self.bos_token_id = backend.token_to_id(bos)
+        self.eos_token_id = backend.token_to_id(eos) if eos else self.bos_token_id
+        if self.eos_token_id is None:
+            self.eos_token_id = self.bos_token_id
+        self.pad_token_id = backend.token_to_id(pad) if pad else None
+        if self.pad_token_id is None:  # as Llama 3 and GPT-2 do: pad with end-of-text
+            self.pad_token_id = self.eos_token_id
         self.vocab_size = backend.get_vocab_size()
 
     @classmethod
@@ -49,7 +63,8 @@ class Tokenizer:
         """The tokenizer saved beside a checkpoint, or GPT-2's when the folder has none."""
         folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+            backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            return cls(backend, **_special_tokens(folder))
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return cls.from_bpe_files(folder / "vocab.json", folder / "merges.txt")
         return cls.gpt2()
@@ -63,3 +78,20 @@ class Tokenizer:
     def decode_each(self, ids: list[int]) -> list[str]:
         """One string per token, e.g. ``[' Hello', ' world']``."""
         return [self.decode([i]) for i in ids]
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """The BOS, EOS and pad tokens ``tokenizer_config.json`` names (strings or
+    ``{"content": ...}``), for families whose BOS is not ``<|endoftext|>`` (Llama's ``<s>``)."""
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "pad")):
+        value = config.get(key) if isinstance(config, dict) else None
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            out[name] = value
+    return out

@@ -137,15 +137,27 @@ def compare(
         report.skipped.append("transformer_lens (pip install 'resid[compare]')")
         return report
     # the bridge wraps the HF model it is given in place, so it gets that one, last
-    bridge = transformer_lens_bridge(hf, device, copy=False)
+    gpt2 = model.cfg.architecture == "gpt2"
+    if not gpt2 and not (ckpt.folder and (ckpt.folder / "config.json").is_file()):
+        report.skipped.append("TransformerLens bridge (it needs the checkpoint's config.json)")
+        return report
+    bridge = transformer_lens_bridge(
+        hf, device, copy=False, config_from="gpt2" if gpt2 else str(ckpt.folder)
+    )
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
     # hook_result is off in the bridge unless enabled; compare every site it caches by default
     shared = [
         n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")
     ]
+    if model.cfg.architecture == "gpt_neo":  # the bridge's GPT-Neo scores hold the pattern
+        shared = [n for n in shared if not n.endswith("hook_attn_scores")]
     _, tl_cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in shared)
     _, cache = model.run_with_cache(tokens, names_filter=shared)
-    report.sites = {n: site_diff(cache[n], tl_cache[n]) for n in shared if n in tl_cache}
+    report.sites = {
+        n: site_diff(cache[n], tl_cache[n])
+        for n in shared
+        if n in tl_cache and tl_cache[n].shape == cache[n].shape
+    }
     report.sites_ok = all(d <= atol + rtol * tl_cache[n].abs().nan_to_num(posinf=0, neginf=0).max().item()
                           for n, d in report.sites.items())  # fmt: skip
     return report

@@ -20,11 +20,12 @@ def hf_reference(
     """The checkpoint as transformers loads it itself where it can (a folder, a hub name),
     else a transformers GPT-2 given the checkpoint's GPT-2-named tensors: ``weights`` when
     the caller has read them already (``resid.io.loading.read``), so a file is read once."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     path = locate(source)  # a hub name is its cached snapshot folder
     if path.is_dir() and (path / "config.json").is_file():
-        hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype)
+        cls = GPT2LMHeadModel if cfg.architecture == "gpt2" else AutoModelForCausalLM
+        hf = cls.from_pretrained(path, dtype=dtype)
     else:
         weights = dict(weights) if weights is not None else read_checkpoint(source)[0]
         hf_cfg = GPT2Config(
@@ -56,21 +57,22 @@ def hf_tokenizer():
     return tok
 
 
-def transformer_lens_bridge(hf, device: str = "cpu", copy: bool = True):
+def transformer_lens_bridge(hf, device: str = "cpu", copy: bool = True, config_from: str = "gpt2"):
     """TransformerLens' TransformerBridge over ``hf`` (offline: no hub look-up). The bridge
-    rewires the model it is given, so by default it gets a copy."""
+    rewires the model it is given, so by default it gets a copy. ``config_from`` is where
+    the bridge reads the architecture's config: ``"gpt2"`` (built in), or for other
+    families the checkpoint's folder."""
     import warnings
 
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2LMHeadModel
 
     if copy:
-        original, hf = hf, GPT2LMHeadModel(hf.config).eval()
+        original, hf = hf, type(hf)(hf.config).eval()
         hf.load_state_dict(original.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(
-            "gpt2", hf_model=hf, tokenizer=hf_tokenizer(), device=device
+            config_from, hf_model=hf, tokenizer=hf_tokenizer(), device=device
         )
 
 
