@@ -268,6 +268,13 @@ def test_hook_sites_match_transformer_lens_bridge(family):
         assert (a[~masked] - b[~masked]).abs().max() <= 1e-4, (name, n)
 
 
+def test_save_refuses_other_families(family, tmp_path):
+    name, _, model, _ = family
+    with pytest.raises(ValueError, match="writes GPT-2 checkpoints"):
+        resid.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_and_tokenizer(family):
     """``resid compare`` on every family: Hugging Face (eager, sdpa) and the bridge agree;
     strings get the family's own BOS."""

@@ -609,6 +609,11 @@ def save(model: Model, folder: str | Path) -> Path:
     import safetensors.torch
 
     c = model.cfg
+    if c.architecture != "gpt2":
+        raise ValueError(
+            f"resid.save writes GPT-2 checkpoints; this model is a {c.architecture} "
+            f"({families.SUPPORTED[c.architecture]}): save the Hugging Face model it came from"
+        )
     tokenizer = model._tokenizer
     if tokenizer is not None and tokenizer.vocab_size > c.d_vocab:
         tokenizer = None
