@@ -46,8 +46,24 @@ def test_repeated_tokens_and_model_scores(tiny):
     assert tokens.shape == (2, 21) and torch.equal(tokens[:, 1:11], tokens[:, 11:])
     scores = head_scores(tiny, tokens)
     assert set(scores) == {"previous_token", "bos", "duplicate_token", "induction"}
-    _, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
-    torch.testing.assert_close(
-        scores["bos"][1], cache["blocks.1.attn.hook_pattern"][..., 0].mean((0, 2))
-    )
+    # patterns planted at layer 1 by a hook, scored by hand: head 0 all on BOS, head 1 on
+    # the previous token (query 0 on itself), head 2 uniform over the prefix
+    T = tokens.shape[1]
+
+    def plant(pattern, hook):
+        p = pattern.clone()
+        p[:, :3] = 0
+        p[:, 0, :, 0] = 1
+        p[:, 1, 0, 0] = 1
+        p[:, 1, torch.arange(1, T), torch.arange(T - 1)] = 1
+        p[:, 2] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
+        return p
+
+    with tiny.hooks([("blocks.1.attn.hook_pattern", plant)]):
+        planted = head_scores(tiny, tokens)
+    bos, prev = planted["bos"].values[1, :3], planted["previous_token"].values[1, :3]
+    uniform_bos = sum(1 / (q + 1) for q in range(T)) / T
+    uniform_prev = sum(1 / (q + 1) for q in range(1, T)) / (T - 1)
+    torch.testing.assert_close(bos, torch.tensor([1.0, 2 / T, uniform_bos]))
+    torch.testing.assert_close(prev, torch.tensor([1 / (T - 1), 1.0, uniform_prev]))
     assert all(((s.values >= 0) & (s.values <= 1 + 1e-6)).all() for s in scores.values())

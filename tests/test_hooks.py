@@ -33,9 +33,10 @@ def test_every_site_has_transformer_lens_name_and_shape(tiny, tokens):
     assert attached(tiny) == []
 
 
-def test_cache_laws(tiny, tokens):
-    """resid_mid = resid_pre + attn_out; the per-head results sum to attn_out less b_O;
-    the pattern is the softmax of the scores; hook_normalized is unit-variance."""
+def test_cache_laws(tiny, tiny_hf, tokens):
+    """resid_mid = resid_pre + attn_out; each head's result is its z times its rows of
+    transformers' c_proj, and they sum to attn_out less b_O; the pattern is the softmax of
+    the scores; hook_normalized is unit-variance."""
     _, c = tiny.run_with_cache(tokens, names_filter=lambda n: True)
     for layer in range(2):
         blk = f"blocks.{layer}"
@@ -47,6 +48,12 @@ def test_cache_laws(tiny, tokens):
         )
         heads = c[f"{blk}.attn.hook_result"].sum(2) + tiny.blocks[layer].attn.b_O
         torch.testing.assert_close(heads, c[f"{blk}.hook_attn_out"], atol=1e-5, rtol=0)
+        c_proj = tiny_hf.transformer.h[layer].attn.c_proj.weight.detach()  # [h * e, d]
+        for head in range(4):
+            by_hand = c[f"{blk}.attn.hook_z"][:, :, head] @ c_proj[16 * head : 16 * (head + 1)]
+            torch.testing.assert_close(
+                c[f"{blk}.attn.hook_result"][:, :, head], by_hand, atol=1e-5, rtol=0
+            )
         torch.testing.assert_close(
             c[f"{blk}.attn.hook_pattern"], c[f"{blk}.attn.hook_attn_scores"].softmax(-1)
         )

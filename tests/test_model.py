@@ -51,14 +51,17 @@ def test_gpt2_small_shapes_match_transformers(small, small_hf, attn):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_inputs_as_string_list_and_1d(tiny):
+def test_inputs_as_string_list_and_1d(tiny, tiny_hf):
+    """Each input form against transformers on token ids written out by hand (BOS first)."""
     text = "The Eiffel Tower is in"
-    tokens = tiny.to_tokens(text)
+    ids = torch.tensor([[50256, 464, 412, 733, 417, 8765, 318, 287]])
+    hi = torch.tensor([[50256, 17250]])
     with torch.no_grad():
-        from_text, from_ids, from_1d = tiny(text), tiny(tokens), tiny(tokens[0])
-        batch = tiny([text, "Hi"])
-    assert torch.equal(from_text, from_ids) and torch.equal(from_ids, from_1d)
-    torch.testing.assert_close(batch[0], from_text[0], atol=1e-5, rtol=0)
+        from_text, from_1d = tiny(text), tiny(ids[0])
+        batch = tiny([text, "Hi"])  # "Hi" is padded on the right and masked
+        ref, ref_hi = (hf_with(tiny_hf, "eager")(t).logits for t in (ids, hi))
+    for ours, want in [(from_text, ref), (from_1d, ref), (batch[:1], ref), (batch[1:, :2], ref_hi)]:
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
 
 
 def test_one_row_of_logits_per_prefix(tiny, tokens):
@@ -73,19 +76,19 @@ def test_one_row_of_logits_per_prefix(tiny, tokens):
 
 
 def test_sdpa_and_explicit_pattern_paths_agree(tiny, small, tokens):
+    """A hook that returns a new pattern (here an equal copy) makes attention use it: the
+    explicit softmax path, which must agree with the fused kernel to fp32 rounding."""
+    rebuild = lambda p, hook: p.clone()  # noqa: E731 - a new tensor counts as a change
     with torch.no_grad():
         fast = tiny(tokens)
-        explicit, cache = tiny.run_with_cache(
-            tokens, names_filter=lambda n: n.endswith("hook_pattern")
-        )
-    assert len(cache) == tiny.cfg.n_layers
+        explicit = tiny.run_with_hooks(tokens, fwd_hooks=[(lambda n: "hook_pattern" in n, rebuild)])
     torch.testing.assert_close(explicit, fast, atol=1e-5, rtol=0)
     # one layer of GPT-2-small shapes, so the difference is not amplified through depth
     x = torch.randn(2, 40, 768, generator=torch.Generator().manual_seed(0))
     attn = small.blocks[3].attn
     with torch.no_grad():
         fast_z = attn(x)
-        with small.hooks([("blocks.3.attn.hook_pattern", lambda p, hook: None)]):
+        with small.hooks([("blocks.3.attn.hook_pattern", rebuild)]):
             slow_z = attn(x)
     torch.testing.assert_close(slow_z, fast_z, atol=1e-5, rtol=0)
 

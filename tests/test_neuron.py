@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from resid.core.neuron import Neuron
 
@@ -66,11 +67,19 @@ def test_logit_effect_is_write_through_the_unembedding(tiny, tiny_hf):
     assert [t for t, _ in effect.top] == [tiny.tokenizer.decode([i]) for i in order[:5].tolist()]
     assert [t for t, _ in effect.bottom] == [tiny.tokenizer.decode([i]) for i in order.flip(0)[:5].tolist()]  # fmt: skip
     assert effect.top[0][1] == pytest.approx(expected.max().item())
-    through = n.logit_effect(k=3, through_ln=True).logits
-    w = n.write.detach()
-    torch.testing.assert_close(
-        through, ((w - w.mean()) * tiny.ln_final.w) @ tiny.W_U, atol=1e-6, rtol=0
+    # through ln_final: the logits' directional derivative along the write, through
+    # transformers' final LayerNorm at a state with no spread (where its scale is constant),
+    # is a positive multiple of it
+    through = n.logit_effect(k=3, through_ln=True).logits.double()
+    ln_f = tiny_hf.transformer.ln_f
+    w, g, b = (t.detach().double() for t in (n.write, ln_f.weight, ln_f.bias))
+    _, tangent = torch.func.jvp(
+        lambda x: F.layer_norm(x, (64,), g, b, ln_f.eps), (torch.zeros(64, dtype=w.dtype),), (w,)
     )
+    derivative = tangent @ tiny_hf.lm_head.weight.detach().double().T
+    ratio = (through @ derivative) / (derivative @ derivative)
+    assert ratio > 0
+    torch.testing.assert_close(through, ratio * derivative, atol=1e-5, rtol=0)
     assert "up:" in repr(effect)
 
 

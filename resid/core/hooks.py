@@ -7,9 +7,9 @@ replace the activation (editing it in place works too). A backward hook is
 ``fn(grad, hook) -> grad | None`` and sees ``d output / d activation``. ``hook.name`` is
 the site's full name, e.g. ``blocks.3.attn.hook_pattern``.
 
-Observing never changes the result. A hook point hands back the very tensor it was given
-when no hook replaced it or wrote into it (the tensor's version counter tells), and the
-model then keeps its fast kernels: what a cache or a read-only hook sees is computed
+Observing never changes the result. A hook point tells the layer whether a hook replaced
+the activation or wrote into it (the tensor's version counter tells); when none did, the
+model keeps its fast kernels: what a cache or a read-only hook sees is computed
 beside the forward pass, never instead of it.
 
 Hooks belong to the caller's context. They are kept in a ``contextvars.ContextVar``, so
@@ -70,20 +70,33 @@ class HookPoint(nn.Module):
 
     @property
     def active(self) -> bool:
-        """True when some forward hook will see this site."""
-        return (self, "fwd") in _ATTACHED.get()
+        """True when some hook, forward or backward, will see this site: a layer computes
+        a value it otherwise skips (a pattern, a scale) only then."""
+        table = _ATTACHED.get()
+        return (self, "fwd") in table or (self, "bwd") in table
+
+    @property
+    def grad_wanted(self) -> bool:
+        """True when a backward hook is attached here and autograd is recording: a value
+        computed beside the forward pass must then carry the output's gradient."""
+        return torch.is_grad_enabled() and (self, "bwd") in _ATTACHED.get()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.see(x)[0]
+
+    def see(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Run the hooks on ``x``: (the activation to go on with, whether a hook changed
+        it). Unchanged, it is ``x`` itself, or for ``copy=True`` the copy the hooks saw
+        (equal to ``x``, so that what they kept is in the graph for autograd)."""
         attached = _ATTACHED.get()
         fns = attached.get((self, "fwd"), ())
-        out = self._run(x, fns) if fns else x
+        out, changed = self._run(x, fns) if fns else (x, False)
         bwd = attached.get((self, "bwd"), ())
         if bwd and out.requires_grad:
             out.register_hook(partial(self._run_bwd, bwd))
-        return out
+        return out, changed
 
-    def _run(self, x: torch.Tensor, fns: tuple[HookFn, ...]) -> torch.Tensor:
-        """Run the hooks; return ``x`` itself unless one of them changed the value."""
+    def _run(self, x: torch.Tensor, fns: tuple[HookFn, ...]) -> tuple[torch.Tensor, bool]:
         seen = x.clone() if self.copy else x
         try:
             version, snapshot = seen._version, None
@@ -99,9 +112,8 @@ class HookPoint(nn.Module):
             unchanged = (
                 seen._version == version if snapshot is None else torch.equal(seen, snapshot)
             )
-            if unchanged:
-                return x
-        return out
+            return seen, not unchanged
+        return out, True
 
     def _check(self, fn: HookFn, new: object, x: torch.Tensor) -> None:
         if not isinstance(new, torch.Tensor):

@@ -153,10 +153,10 @@ class RMSNorm(nn.Module):
         if not (self.hook_scale.active or self.hook_normalized.active):
             return out
         scale = self.scale(x)
-        scale_seen = self.hook_scale(scale)
+        scale_seen, scale_changed = self.hook_scale.see(scale)
         normalized = (x.float() / scale_seen).to(x.dtype)
-        normalized_seen = self.hook_normalized(normalized)
-        if scale_seen is scale and normalized_seen is normalized:
+        normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
+        if not (scale_changed or normalized_changed):
             if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
                 return through(out, normalized_seen * self.w)
             return out  # only observed
