@@ -62,3 +62,43 @@ def test_run_with_cache_to_cpu_from_gpu(small_dir):
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n, device="cpu")
     assert all(t.device.type == "cpu" for t in cache.values())
     assert len(cache) == 3 * model.cfg.n_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_observing_never_changes_the_output_on_gpu(small_dir, dtype):
+    model = resid.load(small_dir, device="cuda", dtype=dtype)
+    tokens = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        plain = model(tokens)
+        for names in (None, lambda n: n.endswith("hook_pattern"), lambda n: "scale" in n):
+            cached, _ = model.run_with_cache(tokens, names_filter=names)
+            assert torch.equal(cached, plain)
+
+
+def test_sweep_chunk_size_never_changes_a_value_on_gpu(small_dir):
+    from resid import metrics
+    from resid.interventions.patching import sweep
+
+    model = resid.load(small_dir, device="cuda")
+    g = torch.Generator().manual_seed(4)
+    clean = torch.randint(0, 50257, (2, 8), generator=g).cuda()
+    corrupted = clean.clone()
+    corrupted[:, 3] = (corrupted[:, 3] + 1) % 50257
+    metric = metrics.logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]), pos=-1)
+    runs = [
+        sweep(model, corrupted, clean, metric, "resid_pre", chunk_cells=c, progress=False).values
+        for c in (1, 5, None)
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_kv_cached_generation_equals_full_recompute_on_gpu(small_dir):
+    model = resid.load(small_dir, device="cuda")
+    prompt = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(5)).cuda()
+    cached = model.generate(prompt, max_new_tokens=16, temperature=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(16):  # the plain loop: the whole sequence every step
+            nxt = model(tokens)[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+    assert torch.equal(cached, tokens)
