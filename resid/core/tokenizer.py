@@ -34,8 +34,8 @@ class Tokenizer:
         pad: str | None = None,
     ):
         self.backend = backend
-        if backend.token_to_id(bos) is None:
-            self.backend.add_special_tokens([bos])
+        # special: the text "<|endoftext|>" (or "<s>") is that one token, never split
+        self.backend.add_special_tokens([t for t in (bos, eos, pad) if t])
         self.bos_token_id = backend.token_to_id(bos)
         self.eos_token_id = backend.token_to_id(eos) if eos else self.bos_token_id
         if self.eos_token_id is None:
