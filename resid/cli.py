@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, KeyError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"resid {args.command}: error: {e}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"resid {args.command}: error: {message or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -42,7 +42,7 @@ def test_duplicate_and_induction_on_a_repeated_sequence():
 
 
 def test_repeated_tokens_and_model_scores(tiny):
-    tokens = repeated_tokens(batch=2, seq_len=10, d_vocab=tiny.cfg.d_vocab)
+    tokens = repeated_tokens(batch=2, seq_len=10, model=tiny)
     assert tokens.shape == (2, 21) and torch.equal(tokens[:, 1:11], tokens[:, 11:])
     scores = head_scores(tiny, tokens)
     assert set(scores) == {"previous_token", "bos", "duplicate_token", "induction"}
