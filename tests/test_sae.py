@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from resid.patching import attribution_patch
-from resid.sae import (
+from safetensors.torch import load_file, save_file
+
+import resid
+from resid import metrics
+from resid.interventions.patching import attribution_patch
+from resid.interventions.sae import (
     SAE,
     SAEConfig,
     SAEError,
@@ -19,10 +23,6 @@ from resid.sae import (
     feature_circuit,
     patch_features,
 )
-from safetensors.torch import load_file, save_file
-
-import resid
-from resid import metrics
 
 DATA = Path(__file__).parent / "data" / "sae"
 FIXTURES = sorted(p for p in DATA.iterdir() if p.is_dir())
@@ -123,6 +123,8 @@ def test_splice_with_error_term_leaves_logits_unchanged(tiny, tokens, arch):
             logits, cache = tiny.run_with_cache(tokens)
             assert torch.equal(logits, ref)
     assert torch.equal(tiny.run_with_saes(tokens, [sae]), ref)  # with autograd on, too
+    with tiny.saes([sae]):  # observed, with autograd on
+        assert torch.equal(tiny.run_with_cache(tokens)[0], ref)
     acts = cache[f"{SITE}.sae.hook_acts"]
     assert acts.shape == (*tokens.shape, 256)
     x = cache[f"{SITE}.sae.hook_input"]

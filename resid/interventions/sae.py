@@ -340,7 +340,7 @@ class SAE(nn.Module):
             pre = h(self.hook_acts_pre, sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
             acts = torch.relu(pre) * gate.to(pre.dtype)
         else:
-            pre = h(self.hook_acts_pre, sae_in @ self.W_enc + self.b_enc)
+            pre = h(self.hook_acts_pre, _affine(sae_in, self.W_enc, self.b_enc))
             if cfg.architecture == "standard":
                 acts = torch.relu(pre)
             elif cfg.architecture == "jumprelu":
@@ -357,7 +357,7 @@ class SAE(nn.Module):
     def _decode(self, acts: Tensor, stats) -> Tensor:
         if self.cfg.architecture == "topk" and self.cfg.rescale_acts_by_decoder_norm:
             acts = acts / self._W_dec_norm()
-        out = acts @ self.W_dec + self.b_dec
+        out = _affine(acts, self.W_dec, self.b_dec)
         if stats is not None:
             mu, scale = stats
             out = out * scale + mu
@@ -446,6 +446,10 @@ class SAE(nn.Module):
         return sae_splice
 
     def _splice(self, x: Tensor, use_error_term: bool) -> Tensor:
+        points = [getattr(self, suffix) for suffix in _SUFFIXES]
+        watched = [hp.active or bool(hp.bwd_fns) for hp in points]
+        if use_error_term and not any(watched):
+            return x  # recons + (x - recons) with nobody looking: x, exactly, at no cost
         changed = False
 
         def run(hp: HookPoint, t: Tensor) -> Tensor:  # a hook point hands back t unless changed
@@ -459,6 +463,9 @@ class SAE(nn.Module):
         # reaches x through the error term only (see the module docstring).
         reads = flat.detach().requires_grad_(flat.requires_grad) if use_error_term else flat
         _, acts, stats = self._encode(reads, run)
+        backward = any(hp.bwd_fns for hp in points)
+        if use_error_term and not (changed or backward or watched[3] or watched[4]):
+            return x  # only the encoder was observed: no need to decode
         raw = self._decode(acts, stats).to(x.dtype).view(x.shape)
         recons = run(self.hook_recons, raw)
         if not use_error_term:
@@ -659,6 +666,13 @@ class Feature:
 
     def __repr__(self) -> str:
         return f"Feature({self.index} of {self.sae!r})"
+
+
+def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``x @ W + b`` in one fused call (``addmm``) over the flattened leading axes."""
+    if x.dim() == 2:
+        return torch.addmm(b, x, W)
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[-1])
 
 
 def _ids(ids: list[int]) -> list[str]:
