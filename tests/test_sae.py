@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import resid
 from resid import metrics
-from resid.interventions.patching import attribution_patch
+from resid.interventions.patching import attribution_patch, patch
 from resid.interventions.sae import (
     SAE,
     SAEConfig,
@@ -324,6 +324,17 @@ def test_patch_features_equals_one_forward_per_feature(tiny, ioi_pair):
             ref = metric(tiny.run_with_hooks(corrupted, fwd_hooks=[(name, put)]))
             assert float(got.values[j]) == pytest.approx(float(ref), abs=1e-5)
     assert got.labels == [f"F{f}" for f in feats]
+    # resid.patching.patch addresses the SAE's site like any other
+    with torch.no_grad(), tiny.saes([sae]):
+        one = patch(tiny, corrupted, name, clean_cache, pos=-1, metric=metric)
+
+        def last(a, hook):
+            a = a.clone()
+            a[:, -1] = clean_cache[name][:, -1]
+            return a
+
+        ref = metric(tiny.run_with_hooks(corrupted, fwd_hooks=[(name, last)]))
+    assert float(one) == pytest.approx(float(ref), abs=1e-6)
 
 
 def test_feature_circuit_correlation(tiny, ioi_pair):

@@ -41,6 +41,10 @@ under ``no_grad``, so there the gradient below the SAE passes through its featur
 
 Files are SAELens' (v6 ``cfg.json``; earlier layouts are read too), checked before
 anything is allocated: :func:`load` and :func:`save`.
+
+Threads. The splice is a hook, so it belongs to the caller's thread or task like any
+other; while spliced, the SAE's hook points are also *named* in ``model.hook_dict`` for
+every thread (they only fire where the splice runs).
 """
 
 from __future__ import annotations
