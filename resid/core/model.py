@@ -116,7 +116,9 @@ class Model(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2's initialisation: normal(0, std) matrices, zero biases, unit LayerNorm gains."""
         for name, p in self.named_parameters():
-            if name.endswith(("W_E", "W_pos", "W_QKV", "W_O", "W_in", "W_out", "W_gate", "lm_head")):
+            if name.endswith(
+                ("W_E", "W_pos", "W_QKV", "W_O", "W_in", "W_out", "W_gate", "lm_head")
+            ):
                 nn.init.normal_(p, std=std)
             elif name.endswith(".w"):
                 nn.init.ones_(p)
