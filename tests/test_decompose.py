@@ -134,6 +134,7 @@ def compare_with_transformer_lens(model, hf, tokens) -> dict[str, float]:
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     ours = cache.head_results()  # from hook_z and W_O
+
     def rel(a, b):
         return ((a - b).abs().max() / (1e-4 + 1e-5 * b.abs().max())).item()
 

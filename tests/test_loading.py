@@ -209,7 +209,9 @@ def test_not_gpt2_config(tiny_dir, tmp_path):
     cfg = json.loads((tiny_dir / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="not an architecture resid supports.*LlamaForCausalLM"):
+    with pytest.raises(
+        CheckpointError, match="not an architecture resid supports.*LlamaForCausalLM"
+    ):
         resid.load(tmp_path, device="cpu")
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="missing keys.*embed_tokens.weight"):

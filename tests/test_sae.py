@@ -169,12 +169,19 @@ def test_hooks_on_sae_sites_take_effect(tiny, tokens):
         a[..., f] = 0
         return a
 
+    def ablate_in_place(a, hook):  # TransformerLens' idiom: edit, return nothing
+        a[..., f] = 0
+
     with torch.no_grad(), tiny.saes([sae]):
         got = tiny.run_with_hooks(tokens, fwd_hooks=[(f"{SITE}.sae.hook_acts", ablate)])
+        in_place = tiny.run_with_hooks(
+            tokens, fwd_hooks=[(f"{SITE}.sae.hook_acts", ablate_in_place)]
+        )
     shift = lambda x, hook: x - acts[..., f, None] * sae.W_dec[f].detach()  # noqa: E731
     with torch.no_grad():
         ref = tiny.run_with_hooks(tokens, fwd_hooks=[(SITE, shift)])
     assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.equal(in_place, got)
     assert not torch.allclose(got, tiny(tokens), atol=1e-4)
 
 

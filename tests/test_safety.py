@@ -568,7 +568,9 @@ VARIANTS = {
     "config not JSON": (write_config("{"), "not valid JSON"),
     "config a FIFO": (_fifo_config, "not a regular file"),
     "config 17 MB": (_huge_config, "far too large"),
-    "model_type llama": (set_config(model_type="llama"), "'llama' checkpoint"),
+    # a supported family's config over GPT-2's tensors: the keys that do not fit are named
+    "model_type llama": (set_config(model_type="llama"), "missing keys"),
+    "model_type bert": (set_config(model_type="bert"), "not an architecture resid supports"),
     "activation relu": (set_config(activation_function="relu"), "activation 'relu'"),
     "n_inner null": (set_config(n_inner=None), OK),
     "n_layer absent (GPT2Config's 12)": (lambda f: write_config(json.dumps(

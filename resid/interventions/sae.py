@@ -456,10 +456,10 @@ class SAE(nn.Module):
             return x  # recons + (x - recons) with nobody looking: x, exactly, at no cost
         changed = False
 
-        def run(hp: HookPoint, t: Tensor) -> Tensor:  # a hook point hands back t unless changed
+        def run(hp: HookPoint, t: Tensor) -> Tensor:  # did a hook replace t or write into it?
             nonlocal changed
-            out = hp(t)
-            changed = changed or out is not t
+            out, edited = hp.see(t)
+            changed = changed or edited
             return out
 
         flat = self._flatten(x)
@@ -481,8 +481,8 @@ class SAE(nn.Module):
         else:
             clean = recons.detach()
         error = x - clean
-        hooked_error = self.hook_error(error)
-        if changed or hooked_error is not error:
+        hooked_error, error_edited = self.hook_error.see(error)
+        if changed or error_edited:
             return recons + hooked_error
         if not (recons.requires_grad or hooked_error.requires_grad):
             return x  # recons + (x - recons), exactly: the logits do not change
