@@ -285,3 +285,38 @@ def test_compare_and_tokenizer(family):
     report = compare(str(folder), prompts=["w3 w4 w5 w6", "w9 w8 w7"], device="cpu")
     assert report.ok, (name, report)
     assert {r.reference for r in report.rows} >= {"transformers (eager)", "transformers (sdpa)"}
+
+
+def test_detectors_attention_pages_and_saes(family, tmp_path):
+    """The rest of the toolkit runs on every family: detectors (whose scores equal those
+    computed by hand from the cached patterns), `resid attention`, and a spliced SAE that
+    leaves the logits unchanged."""
+    from resid.analysis.detectors import head_scores, previous_token_score
+    from resid.cli import main
+    from resid.sae import SAE, SAEConfig
+
+    name, _, model, folder = family
+    tokens = TOKENS[:1]
+    scores = head_scores(model, tokens)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        by_hand = pattern[0].diagonal(-1, -2, -1).mean(-1)  # attention to the previous token
+        torch.testing.assert_close(scores["previous_token"].values[layer], by_hand)
+        torch.testing.assert_close(previous_token_score(pattern), by_hand)
+
+    out = tmp_path / "pages"
+    assert main(["attention", str(folder), "w3 w4 w5 w6", "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 0  # fmt: skip
+    assert (out / "index.html").is_file()
+
+    site = "blocks.1.hook_resid_pre"
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=128, hook_name=site))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.1)
+        plain = model(tokens)
+        with model.saes([sae]):
+            logits, sae_cache = model.run_with_cache(tokens)
+    assert torch.equal(logits, plain) and f"{site}.sae.hook_acts" in sae_cache
