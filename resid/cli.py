@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from resid.interventions import sae as sae_files
 from resid.io import harvest as harvesting
 from resid.io.compare import compare, format_report
 from resid.io.loading import load
@@ -123,9 +124,10 @@ def _dashboard(args) -> int:
     model = None
     if not args.no_model:
         model = load(args.model or harvesting.read_harvest(args.harvest)["model"], device="cpu")
+    saes = [sae_files.load(path, device="cpu") for path in args.sae or ()]
     out, n = dashboard.write_dashboard(
         args.harvest, args.out, model=model, sites=args.sites, units=args.units,
-        progress=not args.quiet,
+        progress=not args.quiet, saes=saes,
     )  # fmt: skip
     print(f"resid dashboard: {n} unit page{'s' * (n != 1)} -> {out}/ (open {out / 'index.html'})")
     return 0
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "(default: the one the harvest names)")  # fmt: skip
     p.add_argument("--no-model", action="store_true",
                    help="do not load a model: token ids, no logit effects")  # fmt: skip
+    p.add_argument("--sae", action="append", metavar="FOLDER",
+                   help="an SAE (SAELens folder) whose features were harvested: their pages "
+                        "get logit effects and nearest features/neurons (repeatable)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_dashboard)
     args = parser.parse_args(argv)

@@ -123,3 +123,38 @@ def test_pages_draw_offline_in_chromium(tiny, harvested, tmp_path):
     assert load.errors == [] and all(u.startswith("file://") for u in load.requests)
     values = json.loads(load.value)
     assert len(values) == 16 and values == sorted(values, reverse=True)
+
+
+def test_sae_feature_pages(tiny, tmp_path):
+    """A spliced SAE's features harvested like any site; with the SAE given, each feature's
+    page lists the features and neurons nearest its decoder row, which a plain cosine over
+    the weights in the test reproduces."""
+    from resid.sae import SAE, SAEConfig
+
+    site = "blocks.1.hook_resid_pre"
+    sae = SAE(SAEConfig(d_in=tiny.cfg.d_model, d_sae=32, hook_name=site))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"The {w} sat on the mat.\n" for w in ("cat", "dog", "owl") * 4))
+    feature_site = f"{site}.sae.hook_acts"
+    with tiny.saes([sae]):
+        harvested = H.harvest(tiny, corpus, tmp_path / "h", [feature_site], context_length=8,
+                              batch_size=2, k=3, progress=False)  # fmt: skip
+    out, n = write_dashboard(harvested, tmp_path / "d", model=tiny, saes=[sae], units="0-3",
+                             progress=False)  # fmt: skip
+    assert n == 4
+    page = (out / feature_site / "2.html").read_text()
+    W = sae.W_dec.detach()
+    cos = torch.nn.functional.cosine_similarity(W, W[2][None], dim=-1)
+    cos[2] = -2
+    nearest = int(cos.argmax())
+    assert f"<tr><td>feature {nearest}</td><td>{cos[nearest].item():+.3f}</td></tr>" in page
+    W_out = torch.cat([b.mlp.W_out.detach() for b in tiny.blocks])
+    ncos = torch.nn.functional.cosine_similarity(W_out, W[2][None], dim=-1)
+    best = int(ncos.abs().argmax())
+    m = tiny.cfg.d_mlp
+    assert f"<tr><td>L{best // m}N{best % m}</td><td>{ncos[best].item():+.3f}</td></tr>" in page
+    assert "Logit effect" in page

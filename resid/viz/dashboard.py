@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from resid.core import files
 from resid.core.neuron import Neuron
+from resid.interventions.sae import SAE
 
 if TYPE_CHECKING:
     from resid.core.model import Model
@@ -185,6 +186,59 @@ def _logit_html(model: Model | None, site: str, unit: int) -> str:
             f"<table class=logit><tr><th>lowered</th><th></th></tr>{rows(effect.bottom)}</table></div>")  # fmt: skip
 
 
+def _feature_html(model: Model | None, sae: SAE | None, unit: int, k: int = 8) -> str:
+    """A spliced-SAE feature's logit effect, and the features and MLP neurons whose write
+    vectors point most nearly the same way as its decoder row (cosine)."""
+    if sae is None:
+        return ""
+    parts = []
+    W_dec = sae.W_dec.detach().float()
+    row = W_dec[unit]
+    cos = torch.nn.functional.cosine_similarity(W_dec, row[None], dim=-1)
+    cos[unit] = -2.0  # not itself
+    best = cos.topk(min(k, len(cos) - 1))
+    items = "".join(
+        f"<tr><td>feature {i}</td><td>{v:+.3f}</td></tr>"
+        for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    )
+    parts.append(
+        f"<table class=logit><tr><th>nearest features</th><th>cos</th></tr>{items}</table>"
+    )
+    if model is not None and row.shape[0] == model.cfg.d_model:
+        W_out = torch.cat([b.mlp.W_out.detach().float() for b in model.blocks])  # [L*m, d]
+        ncos = torch.nn.functional.cosine_similarity(W_out, row[None].to(W_out), dim=-1)
+        top = ncos.abs().topk(min(k, len(ncos))).indices.tolist()
+        m = model.cfg.d_mlp
+        items = "".join(
+            f"<tr><td>L{i // m}N{i % m}</td><td>{ncos[i].item():+.3f}</td></tr>" for i in top
+        )
+        parts.append(
+            f"<table class=logit><tr><th>nearest neurons (W_out)</th><th>cos</th></tr>{items}</table>"
+        )
+        effect = sae.feature(unit, model=model).logit_effect(k=10, model=model)
+
+        def rows(pairs):
+            return "".join(f"<tr><td>{_show(t)}</td><td>{v:+.3f}</td></tr>" for t, v in pairs)
+
+        logit = ("<h3>Logit effect</h3><p class=meta>the decoder row W_dec[i] through W_U "
+                 "(no final LayerNorm)</p><div class=cols>"
+                 f"<table class=logit><tr><th>raised</th><th></th></tr>{rows(effect.top)}</table>"
+                 f"<table class=logit><tr><th>lowered</th><th></th></tr>{rows(effect.bottom)}</table></div>")  # fmt: skip
+    else:
+        logit = ""
+    return (f"{logit}<h3>Decoder direction</h3><p class=meta>cosine of W_dec[i] with other "
+            f"features' decoder rows and with MLP neurons' write vectors</p>"
+            f"<div class=cols>{''.join(parts)}</div>")  # fmt: skip
+
+
+def _sae_for(site: str, saes: Sequence[SAE]) -> SAE | None:
+    """The SAE whose feature activations ``site`` is (``{hook}.sae.hook_acts``)."""
+    for sae in saes:
+        if site == f"{sae.hook_name}.sae.hook_acts":
+            return sae
+    return None
+
+
 # ---- writing ----------------------------------------------------------------------------
 
 
@@ -215,11 +269,14 @@ def write_dashboard(
     units: str | Sequence[int] | None = None,
     decode: Decode | None = None,
     progress: bool = True,
+    saes: Sequence[SAE] = (),
 ) -> tuple[Path, int]:
     """Write the dashboard of a finished harvest to ``out``; returns ``(out, pages)``.
 
     ``model`` gives token strings and neurons' logit effects (without one, tokens show
-    as ids unless ``decode`` maps ids to strings). ``sites``/``units`` choose what to page
+    as ids unless ``decode`` maps ids to strings). For a spliced SAE's feature site
+    (``{hook}.sae.hook_acts``), pass the SAE in ``saes``: each feature's page then shows its
+    logit effect and the features and neurons nearest its decoder row by cosine. ``sites``/``units`` choose what to page
     (``units="0-99"``); the index lists the same units.
 
     >>> write_dashboard("harvest", "dash", model=resid.load("gpt2"), units="0-99")
@@ -260,7 +317,8 @@ def write_dashboard(
                                          disable=not progress, leave=False)):  # fmt: skip
                 prev_u = chosen_units[pos - 1] if pos else None
                 next_u = chosen_units[pos + 1] if pos + 1 < len(chosen_units) else None
-                page = unit_html(st, site, u, info, strings, model, prev_u, next_u)
+                page = unit_html(st, site, u, info, strings, model, prev_u, next_u,
+                                 _sae_for(site, saes))  # fmt: skip
                 (folder / f"{u}.html").write_text(page, encoding="utf-8")
                 n_pages += 1
                 index_rows.append((site, u, st["max"][u].item(), st["mean"][u].item(),
@@ -270,7 +328,7 @@ def write_dashboard(
 
 
 def unit_html(st: dict, site: str, u: int, info: dict, strings: dict[int, str], model,
-              prev_u: int | None, next_u: int | None) -> str:  # fmt: skip
+              prev_u: int | None, next_u: int | None, sae: SAE | None = None) -> str:  # fmt: skip
     """One unit's page (see the module docstring)."""
     count = int(st["count"][0])
     center = int(info.get("window", [12, 4])[0])  # the ranked token's place in its window
@@ -298,7 +356,8 @@ def unit_html(st: dict, site: str, u: int, info: dict, strings: dict[int, str], 
             f"<p class=meta>bins of |x| four to an octave, mirrored below zero; hover a bar for its range</p>"
             f"<h3>Top activating contexts</h3><p class=meta>orange: positive, blue: negative, "
             f"the outlined token is the one ranked; hover a token for its exact activation</p>"
-            f"{''.join(contexts) or '<p class=meta>none</p>'}{_logit_html(model, site, u)}")  # fmt: skip
+            f"{''.join(contexts) or '<p class=meta>none</p>'}{_logit_html(model, site, u)}"
+            f"{_feature_html(model, sae, u)}")  # fmt: skip
     return _page(f"{site} · unit {u}", body)
 
 
