@@ -49,10 +49,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--no-heads", action="store_true", help="skip the per-head sweep")
+    parser.add_argument("--layers", type=int, default=12, help="layers of the 768-wide model (12)")
     args = parser.parse_args()
     from transformer_lens import patching as tl_patching
 
-    shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+    shape = dict(n_layer=args.layers, n_head=12, n_embd=768, n_positions=1024)
     if args.quick:
         shape = dict(n_layer=4, n_head=8, n_embd=256, n_positions=256)
     hf = random_hf_gpt2(1, **shape)
