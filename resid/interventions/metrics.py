@@ -257,3 +257,13 @@ def normalized(
         metric.tokens,
         f"normalized {metric.name}",
     )
+
+
+def as_metric(metric: Metric | MetricFn) -> Metric:
+    """``metric`` as a ``Metric``: a plain function of logits declares nothing (it gets all
+    the logits)."""
+    if isinstance(metric, Metric):
+        return metric
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of logits or a Metric, not {metric!r}")
+    return Metric(metric, pos=None, tokens=None, name=getattr(metric, "__name__", "metric"))

@@ -31,7 +31,7 @@ from resid.core.hooks import unknown_hook_error
 from resid.core.labelled import Labelled, correlation  # noqa: F401 - resid.patching.correlation
 from resid.core.model import Model
 from resid.interventions.engine import HEAD_SITES, SITES, Cell, Engine, Readout, hook_name, scalar
-from resid.interventions.metrics import Metric, MetricFn
+from resid.interventions.metrics import Metric, MetricFn, as_metric
 
 Source = Mapping[str, Tensor] | Tensor
 
@@ -41,14 +41,6 @@ def _site(site: str) -> str:
     if site not in SITES:
         raise KeyError(f"no sweep site {site!r}: choose one of {', '.join(SITES)} (or 'out' for z)")
     return site
-
-
-def _as_metric(metric: Metric | MetricFn) -> Metric:
-    if isinstance(metric, Metric):
-        return metric
-    if not callable(metric):
-        raise TypeError(f"metric must be a function of logits or a Metric, not {metric!r}")
-    return Metric(metric, pos=None, tokens=None, name=getattr(metric, "__name__", "metric"))
 
 
 def _check_tokens(model: Model, tokens: Tensor) -> Int[Tensor, "batch pos"]:
@@ -162,7 +154,7 @@ def patch(
 
     with torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=[(site, replace)], attention_mask=mask)
-    return logits if metric is None else evaluate(_as_metric(metric), logits, mask)
+    return logits if metric is None else evaluate(as_metric(metric), logits, mask)
 
 
 # ---- the result of a sweep -------------------------------------------------------------
@@ -237,7 +229,7 @@ def sweep(
     site = _site(site)
     tokens = _check_tokens(model, corrupted)
     mask = model.check_mask(attention_mask, tokens.shape)
-    metric = _as_metric(metric)
+    metric = as_metric(metric)
     cfg, (b, T) = model.cfg, tokens.shape
     # a parallel block has no resid_mid at which the batched engine could join a copy: its
     # attention and MLP outputs are patched by a plain forward per cell instead
@@ -362,7 +354,7 @@ def attribution_patch(
     """
     tokens = _check_tokens(model, corrupted)
     mask = model.check_mask(attention_mask, tokens.shape)
-    metric = _as_metric(metric)
+    metric = as_metric(metric)
     L = model.cfg.n_layers
     if site in model.hook_dict:
         names, axes = [site], _hook_axes(site, by_pos)

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from resid.core.labelled import Labelled
 from resid.core.model import Model
 from resid.interventions.engine import Readout, hook_name
-from resid.interventions.metrics import Metric, MetricFn
-from resid.interventions.patching import Source, _as_metric, _check_tokens, _clean_acts
+from resid.interventions.metrics import Metric, MetricFn, as_metric
+from resid.interventions.patching import Source, _check_tokens, _clean_acts
 
 Head = tuple[int, int]
 
@@ -101,7 +101,7 @@ def _path_setup(model, corrupted, clean, metric, receivers, inputs):
             "into the clean and corrupted caches you pass"
         )
     tokens = _check_tokens(model, corrupted)
-    metric = _as_metric(metric)
+    metric = as_metric(metric)
     L = model.cfg.n_layers
     if receivers != "logits" and (not inputs or set(inputs) - set("qkv")):
         raise ValueError(f"receiver_input must be letters of 'qkv', not {inputs!r}")

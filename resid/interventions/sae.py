@@ -74,7 +74,7 @@ from resid.core.names import layer_of
 from resid.core.neuron import LogitEffect
 from resid.core.stream import ResidualStream, State
 from resid.interventions.engine import scalar
-from resid.interventions.metrics import Metric, MetricFn
+from resid.interventions.metrics import Metric, MetricFn, as_metric
 
 if TYPE_CHECKING:
     from resid.core.model import Model
@@ -898,14 +898,6 @@ def _clean_feature_acts(model: Model, saes: list[SAE], clean, tokens, mask) -> l
     return out
 
 
-def _metric(metric: Metric | MetricFn) -> Metric:
-    if isinstance(metric, Metric):
-        return metric
-    if not callable(metric):
-        raise TypeError(f"metric must be a function of logits or a Metric, not {metric!r}")
-    return Metric(metric, pos=None, tokens=None, name=getattr(metric, "__name__", "metric"))
-
-
 def attribute_features(
     model: Model,
     corrupted: Int[Tensor, "batch pos"],
@@ -931,7 +923,7 @@ def attribute_features(
     saes = _spliced(model, saes)
     tokens = model.tokens(corrupted)
     mask = model.check_mask(attention_mask, tokens.shape)
-    metric = _metric(metric)
+    metric = as_metric(metric)
     clean_acts = _clean_feature_acts(model, saes, clean, tokens, mask)
     acts, deltas = {}, {}
 
@@ -990,7 +982,7 @@ def patch_features(
     saes = _spliced(model, saes)
     tokens = model.tokens(corrupted)
     mask = model.check_mask(attention_mask, tokens.shape)
-    metric = _metric(metric)
+    metric = as_metric(metric)
     clean_acts = _clean_feature_acts(model, saes, clean, tokens, mask)
     sizes = [s.d_sae for s in saes]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
