@@ -154,3 +154,24 @@ def test_unmasked_scores_count_padding_and_masked_do_not(tiny):
     masked = head_scores(tiny, tokens, attention_mask=mask)["duplicate_token"].values
     leaky = head_scores(tiny, tokens)["duplicate_token"].values
     assert (masked - leaky).abs().max() > 1e-3
+
+
+def test_decompositions_can_mask_the_padding(tiny):
+    """With mask_padding, a padded batch's parts are zero at padding and, at real
+    positions, equal the parts of each prompt run alone."""
+    rows = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12, 13])]
+    tokens = torch.full((2, 5), 50256)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = r, True
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens, attention_mask=mask)
+        parts = cache.decompose_resid(1, "mid", mask_padding=True)
+        dla = cache.logit_attribution(7, mask_padding=True)
+        assert (parts.values[:, ~mask] == 0).all() and (dla.values[:, ~mask] == 0).all()
+        for i, r in enumerate(rows):
+            _, alone = tiny.run_with_cache(r[None])
+            ref = alone.decompose_resid(1, "mid").values[:, 0]
+            torch.testing.assert_close(parts.values[:, i, : len(r)], ref, atol=1e-5, rtol=0)
+            ref_dla = alone.logit_attribution(7).values[:, 0]
+            torch.testing.assert_close(dla.values[:, i, : len(r)], ref_dla, atol=1e-5, rtol=0)

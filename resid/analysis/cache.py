@@ -31,6 +31,7 @@ class AnalysisCache(ActivationCache):
         where: str = "pre",
         heads: bool = True,
         per_neuron: bool | list[int] = False,
+        mask_padding: bool = False,
     ) -> Labelled:
         """The named parts that sum to the stream at ``(layer, where)`` (``None``: final):
         ``embed``, ``pos_embed``, each head ``L{l}H{h}`` (``z @ W_O``), each attention bias
@@ -42,7 +43,8 @@ class AnalysisCache(ActivationCache):
         >>> parts = cache.decompose_resid(3, "mid")
         >>> parts["L2H5"].shape                          # [batch, pos, d_model]
         """
-        return contributions(self, layer, where, heads=heads, per_neuron=per_neuron)
+        parts = contributions(self, layer, where, heads=heads, per_neuron=per_neuron)
+        return self._masked(parts, mask_padding)
 
     def accumulated_resid(
         self,
@@ -67,11 +69,24 @@ class AnalysisCache(ActivationCache):
         target: int | str | tuple | Tensor,
         heads: bool = True,
         per_neuron: bool | list[int] = False,
+        mask_padding: bool = False,
     ) -> Labelled:
         """Direct logit attribution of every part of the final stream to a token, a logit
         difference ``(a, b)``, or a direction -- ``[component, batch, pos]`` with the last part
         ``"ln_final.b"``; the parts sum to the logit (difference). See ``resid.analysis.lens``.
+        ``mask_padding=True`` zeroes every part at padding positions (as does
+        ``decompose_resid``'s), so sums and rankings over positions see real tokens only.
 
         >>> cache.logit_attribution((" Mary", " John")).top(5, pos=-1)
         """
-        return logit_attribution(self, target, heads=heads, per_neuron=per_neuron)
+        parts = logit_attribution(self, target, heads=heads, per_neuron=per_neuron)
+        return self._masked(parts, mask_padding)
+
+    def _masked(self, parts: Labelled, mask_padding: bool) -> Labelled:
+        """``parts`` with every padding position zeroed, when asked and there is padding."""
+        if not mask_padding or self.attention_mask is None:
+            return parts
+        real = self.attention_mask.to(parts.values.device)  # [batch, pos]
+        shape = (1, *real.shape) + (1,) * (parts.values.dim() - 3)
+        values = parts.values * real.view(shape).to(parts.values.dtype)
+        return Labelled(values, parts.axes, parts.names, parts.site, parts.baseline)
