@@ -320,3 +320,47 @@ def test_detectors_attention_pages_and_saes(family, tmp_path):
         with model.saes([sae]):
             logits, sae_cache = model.run_with_cache(tokens)
     assert torch.equal(logits, plain) and f"{site}.sae.hook_acts" in sae_cache
+
+
+def test_attribution_and_path_patching(family):
+    """Attribution patching is exact where the metric is linear in the site (the final
+    norm's output); path patching to the logits equals a forward written here that takes
+    the sender's z from the clean run and freezes every other head's z at the corrupted."""
+    from resid.interventions.patching import attribution_patch
+    from resid.interventions.path_patching import path_patch
+
+    name, _, model, _ = family
+    clean = TOKENS[:, :6].clone()
+    corrupted = clean.clone()
+    corrupted[:, 1] = (corrupted[:, 1] + 9) % V
+    metric = metrics.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]), pos=-1)
+    site = "ln_final.hook_normalized"
+    _, cache = model.run_with_cache(clean)
+    est = attribution_patch(model, corrupted, clean, metric, site)
+    for p in range(6):
+
+        def put(act, hook, p=p):
+            act = act.clone()
+            act[:, p] = cache[site][:, p]
+            return act
+
+        with torch.no_grad():
+            real = metric(model.run_with_hooks(corrupted, fwd_hooks=[(site, put)]))
+        assert abs(float(est.values[p]) - float(real)) < 1e-4, (name, p)
+
+    _, corr = model.run_with_cache(corrupted)
+    sender = (0, 1)
+
+    def freeze(z, hook):
+        layer = int(hook.name.split(".")[1])
+        out = corr[hook.name].clone()
+        if layer == sender[0]:
+            out[:, :, sender[1]] = cache[hook.name][:, :, sender[1]]
+        return out
+
+    with torch.no_grad():
+        by_hand = metric(
+            model.run_with_hooks(corrupted, fwd_hooks=[(lambda n: n.endswith("hook_z"), freeze)])
+        )
+    got = path_patch(model, corrupted, cache, metric, senders=[sender], receivers="logits")
+    assert abs(float(got) - float(by_hand)) < 1e-4, name
