@@ -50,8 +50,10 @@ class HookPoint(nn.Module):
     """An identity on the forward pass that runs whatever hooks the caller's context
     attached to it.
 
-    ``copy=True`` gives hooks a copy of the activation (for sites that are views of a
-    larger tensor, like ``hook_q``, so that editing them in place works under autograd).
+    ``copy=True`` gives hooks a copy of the activation when autograd records it (for sites
+    that are views of a larger tensor, like ``hook_q``, or outputs autograd saved, like
+    ``hook_pattern``, so that editing them in place works under autograd); without
+    autograd (``torch.no_grad()``) hooks see the activation itself and nothing is copied.
     """
 
     def __init__(self, copy: bool = False) -> None:
@@ -97,7 +99,9 @@ class HookPoint(nn.Module):
         return out, changed
 
     def _run(self, x: torch.Tensor, fns: tuple[HookFn, ...]) -> tuple[torch.Tensor, bool]:
-        seen = x.clone() if self.copy else x
+        # a copy only where autograd could object to an in-place edit (a view, a saved
+        # output); without autograd the hooks may edit the activation itself
+        seen = x.clone() if self.copy and x.requires_grad else x
         try:
             version, snapshot = seen._version, None
         except RuntimeError:  # inference tensors keep no version counter: compare values
