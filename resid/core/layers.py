@@ -16,6 +16,9 @@ same modules.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,22 +32,31 @@ from resid.core.config import Config
 from resid.core.hooks import HookPoint
 from resid.core.rotary import Rotary
 
-_MIN_ROWS = 16
+_MIN_ROWS: ContextVar[int] = ContextVar("resid_min_rows", default=0)
+
+
+@contextmanager
+def row_invariant(rows: int = 16) -> Iterator[None]:
+    """Within the block, every projection runs on at least ``rows`` rows (fewer are padded
+    with zeros), so each row's result is the same however many rows run with it: CPU BLAS
+    switches kernels (and rounding) below ~12 rows. The patching engine runs under it, which
+    makes a sweep's values independent of its chunk size, bit for bit. The plain forward
+    does not pad: one generated token stays one row."""
+    token = _MIN_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _MIN_ROWS.reset(token)
 
 
 def affine(
     x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"] | None
 ) -> Float[Tensor, "... d_out"]:
-    """``x @ W + b`` as one GEMM (what GPT-2's ``Conv1D`` does).
-
-    Each row's result is the same however many rows run with it: CPU BLAS switches
-    kernels (and rounding) below ~12 rows, so fewer rows are padded up to 16. This is what
-    makes a patching sweep independent of its chunk size, and one generated position equal
-    to the same position in a longer run, bit for bit."""
+    """``x @ W + b`` as one GEMM (what GPT-2's ``Conv1D`` does); see ``row_invariant``."""
     rows = x.reshape(-1, W.shape[0])
-    n = rows.shape[0]
-    if n < _MIN_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(_MIN_ROWS - n, rows.shape[1])])
+    n, least = rows.shape[0], _MIN_ROWS.get()
+    if n < least:
+        rows = torch.cat([rows, rows.new_zeros(least - n, rows.shape[1])])
     out = rows @ W if b is None else torch.addmm(b, rows, W)
     return out[:n].view(*x.shape[:-1], W.shape[1])
 
