@@ -108,16 +108,16 @@ class Mask:
         return allowed
 
 
-class LayerNorm(nn.Module):
-    """``normalized * w + b`` with ``normalized = (x - mean) / scale`` and
-    ``scale = sqrt(var + eps)``. ``hook_scale`` and ``hook_normalized`` (before the gain
-    and bias: TransformerLens' meaning) are computed in fp32 beside the fused kernel."""
+class _Norm(nn.Module):
+    """What LayerNorm and RMSNorm share: the output is always the fused ``plain`` kernel;
+    ``hook_scale`` ([batch, pos, 1], fp32) and ``hook_normalized`` (before the gain and
+    bias: TransformerLens' meaning) are computed beside it when hooked, and the output is
+    rebuilt from them only if a hook changed one."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.b = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_scale = HookPoint(copy=True)  # [batch, pos, 1], fp32
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
@@ -125,22 +125,34 @@ class LayerNorm(nn.Module):
         out = self.plain(x)
         if not (self.hook_scale.active or self.hook_normalized.active):
             return out
-        centred = x.float() - x.float().mean(-1, keepdim=True)
-        scale = self.scale(x)
-        scale_seen, scale_changed = self.hook_scale.see(scale)
-        normalized = (centred / scale_seen).to(x.dtype)
+        scale_seen, scale_changed = self.hook_scale.see(self.scale(x))
+        normalized = (self.centre(x.float()) / scale_seen).to(x.dtype)
         normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
         if not (scale_changed or normalized_changed):
             if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
-                return through(out, normalized_seen * self.w + self.b)
+                return through(out, self.gain(normalized_seen))
             return out  # only observed
-        return normalized_seen * self.w + self.b
+        return self.gain(normalized_seen)
 
     def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
-        """``sqrt(var(x) + eps)`` in fp32: the number each state is divided by."""
-        x = x.float()
-        var = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
-        return (var + self.eps).sqrt()
+        """The number each state is divided by, in fp32."""
+        centred = self.centre(x.float())
+        return (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+
+class LayerNorm(_Norm):
+    """``normalized * w + b`` with ``normalized = (x - mean) / scale`` and
+    ``scale = sqrt(var + eps)``."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def centre(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True)
+
+    def gain(self, normalized: Tensor) -> Tensor:
+        return normalized * self.w + self.b
 
     def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """This LayerNorm with no hook points, on ``x``'s device and in its dtype: the
@@ -148,35 +160,15 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.w.shape, self.w.to(x), self.b.to(x), self.eps)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_Norm):
     """``normalized * w`` with ``normalized = x / scale`` and ``scale = sqrt(mean(x²) + eps)``
-    (Llama's norm: no centring, no bias), computed in fp32 as Hugging Face does.
-    ``hook_scale`` and ``hook_normalized`` are computed beside it, as in ``LayerNorm``."""
+    (Llama's norm: no centring, no bias), computed in fp32 as Hugging Face does."""
 
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.eps = cfg.layer_norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.hook_scale = HookPoint(copy=True)  # [batch, pos, 1], fp32
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+    def centre(self, x: Tensor) -> Tensor:
+        return x
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        out = self.plain(x)
-        if not (self.hook_scale.active or self.hook_normalized.active):
-            return out
-        scale = self.scale(x)
-        scale_seen, scale_changed = self.hook_scale.see(scale)
-        normalized = (x.float() / scale_seen).to(x.dtype)
-        normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
-        if not (scale_changed or normalized_changed):
-            if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
-                return through(out, normalized_seen * self.w)
-            return out  # only observed
-        return normalized_seen * self.w
-
-    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
-        """``sqrt(mean(x²) + eps)`` in fp32: the number each state is divided by."""
-        return (x.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+    def gain(self, normalized: Tensor) -> Tensor:
+        return normalized * self.w
 
     def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """This RMSNorm with no hook points, in ``x``'s dtype (the scale in fp32)."""

@@ -363,23 +363,9 @@ def attribution_patch(
         names = [hook_name(site, layer) for layer in range(L)]
         axes = ("layer", *_hook_axes(names[0], by_pos))
     clean_acts = _clean_acts(model, clean, names, tokens.shape, mask)
-    acts, deltas = {}, {}
-
-    def nudge(act: Tensor, hook) -> Tensor:  # d metric / d delta = d metric / d act
-        acts[hook.name] = act.detach()
-        deltas[hook.name] = torch.zeros_like(act, requires_grad=True)
-        return act + deltas[hook.name]
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(
-            tokens, fwd_hooks=[(n, nudge) for n in names], attention_mask=mask
-        )
-        value = torch.as_tensor(metric(logits, attention_mask=mask))
-        baseline = scalar(value)
-        grads = torch.autograd.grad(value, [deltas[n] for n in names], allow_unused=True)
+    baseline, acts, grads = metric_gradients(model, tokens, mask, metric, names)
     per_layer = []
     for name, grad in zip(names, grads, strict=True):
-        grad = torch.zeros_like(acts[name]) if grad is None else grad
         prod = (grad * (clean_acts[name].to(grad) - acts[name])).float()
         if name.endswith(
             ("hook_pattern", "hook_attn_scores")
@@ -395,6 +381,32 @@ def attribution_patch(
         per_layer.append(est)
     values = per_layer[0] if axes[0] != "layer" else torch.stack(per_layer)
     return Labelled(values.cpu() + baseline, axes, site=site, baseline=float(baseline))
+
+
+def metric_gradients(
+    model: Model, tokens: Tensor, mask: Tensor | None, metric: Metric, names: list[str]
+) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+    """One forward and one backward of ``tokens`` (under any hooks attached around it): the
+    metric, the activation at each of ``names``, and the metric's gradient there (zeros
+    where it does not reach). Each site gets a zero ``delta`` added, whose gradient is the
+    activation's; the model's parameters get no ``.grad``."""
+    acts, deltas = {}, {}
+
+    def nudge(act: Tensor, hook) -> Tensor:  # d metric / d delta = d metric / d act
+        acts[hook.name] = act.detach()
+        deltas[hook.name] = torch.zeros_like(act, requires_grad=True)
+        return act + deltas[hook.name]
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(
+            tokens, fwd_hooks=[(n, nudge) for n in names], attention_mask=mask
+        )
+        value = torch.as_tensor(metric(logits, attention_mask=mask))
+        grads = torch.autograd.grad(value, [deltas[n] for n in names], allow_unused=True)
+    grads = [
+        torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads, strict=True)
+    ]
+    return scalar(value), acts, grads
 
 
 def _hook_axes(name: str, by_pos: bool) -> tuple[str, ...]:

@@ -75,6 +75,7 @@ from resid.core.neuron import LogitEffect
 from resid.core.stream import ResidualStream, State
 from resid.interventions.engine import scalar
 from resid.interventions.metrics import Metric, MetricFn, as_metric
+from resid.interventions.patching import metric_gradients
 
 if TYPE_CHECKING:
     from resid.core.model import Model
@@ -925,24 +926,10 @@ def attribute_features(
     mask = model.check_mask(attention_mask, tokens.shape)
     metric = as_metric(metric)
     clean_acts = _clean_feature_acts(model, saes, clean, tokens, mask)
-    acts, deltas = {}, {}
-
-    def nudge(act: Tensor, hook: HookPoint) -> Tensor:  # d metric / d delta = d metric / d act
-        acts[hook.name] = act.detach()
-        deltas[hook.name] = torch.zeros_like(act, requires_grad=True)
-        return act + deltas[hook.name]
-
     names = [s.name_of("hook_acts") for s in saes]
-    with torch.enable_grad():
-        logits = model.run_with_hooks(
-            tokens, fwd_hooks=[(n, nudge) for n in names], attention_mask=mask
-        )
-        value = torch.as_tensor(metric(logits, attention_mask=mask))
-        baseline = scalar(value)
-        grads = torch.autograd.grad(value, [deltas[n] for n in names], allow_unused=True)
+    baseline, acts, grads = metric_gradients(model, tokens, mask, metric, names)
     per_sae = []
     for name, grad, clean_act in zip(names, grads, clean_acts, strict=True):
-        grad = torch.zeros_like(acts[name]) if grad is None else grad
         prod = (grad * (clean_act.to(grad) - acts[name])).float()
         if mask is not None:
             prod = prod * mask[..., None]
