@@ -156,3 +156,38 @@ def test_hook_point_alone():
     with hooks.attached({"x": hp}, [("x", lambda t, hook: t * 2)]):
         assert torch.equal(hp(torch.ones(2)), torch.full((2,), 2.0))
     assert hp.fns == () and torch.equal(hp(torch.ones(2)), torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "bad,what",
+    [
+        (lambda a, h: a.double(), "dtype torch.float64"),
+        (lambda a, h: a.half(), "dtype torch.float16"),
+        (lambda a, h: a.long(), "dtype torch.int64"),
+        (lambda a, h: a > 0, "dtype torch.bool"),
+        (lambda a, h: a.to("meta"), "device meta"),
+        (lambda a, h: 3.0, "returned float"),
+    ],
+)
+def test_a_hook_returning_the_wrong_kind_of_tensor_names_itself_and_the_site(
+    tiny, tokens, bad, what
+):
+    """Issue 11, item 7: before, a float64 or int return failed later inside a matmul with
+    'mat1 and mat2 must have the same dtype', naming neither the hook nor the site."""
+
+    def my_bad_hook(act, hook):
+        return bad(act, hook)
+
+    with pytest.raises(
+        (ValueError, TypeError), match=f"my_bad_hook.*blocks.1.mlp.hook_post.*{what}"
+    ):
+        tiny.run_with_hooks(tokens, fwd_hooks=[("blocks.1.mlp.hook_post", my_bad_hook)])
+    assert attached(tiny) == []
+
+
+def test_to_str_tokens_of_a_list_of_strings(tiny):
+    """Issue 11, item 8: a list of strings gives one list of token strings per string (it
+    raised "'str' object cannot be interpreted as an integer")."""
+    got = tiny.to_str_tokens(["Hello world", "Hi"])
+    assert got == [tiny.to_str_tokens("Hello world"), tiny.to_str_tokens("Hi")]
+    assert got[1] == ["<|endoftext|>", "Hi"]
