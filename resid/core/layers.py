@@ -125,8 +125,9 @@ class _Norm(nn.Module):
         out = self.plain(x)
         if not (self.hook_scale.active or self.hook_normalized.active):
             return out
-        scale_seen, scale_changed = self.hook_scale.see(self.scale(x))
-        normalized = (self.centre(x.float()) / scale_seen).to(x.dtype)
+        centred = self.centre(x.float())
+        scale_seen, scale_changed = self.hook_scale.see(self._scale_of(centred))
+        normalized = (centred / scale_seen).to(x.dtype)
         normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
         if not (scale_changed or normalized_changed):
             if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
@@ -136,7 +137,9 @@ class _Norm(nn.Module):
 
     def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
         """The number each state is divided by, in fp32."""
-        centred = self.centre(x.float())
+        return self._scale_of(self.centre(x.float()))
+
+    def _scale_of(self, centred: Tensor) -> Tensor:
         return (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
 
 
