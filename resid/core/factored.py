@@ -19,6 +19,7 @@ and index like a tensor's. Matrices multiply on the right, as everywhere in resi
 from __future__ import annotations
 
 import numbers
+from functools import cached_property
 
 import torch
 from jaxtyping import Complex, Float
@@ -31,6 +32,8 @@ class FactoredMatrix:
     >>> qk = FactoredMatrix(W_Q, W_K.T)       # [768, 64] @ [64, 768]
     >>> qk.norm(), qk.svd()[1][:5], (qk @ W_E.T).shape
     """
+
+    __array_ufunc__ = None  # ``ndarray @ F``: numpy defers to ``F.__rmatmul__``
 
     def __init__(self, A: Float[Tensor, "... m r"], B: Float[Tensor, "... r n"]):
         if not isinstance(A, Tensor) or not isinstance(B, Tensor):
@@ -72,6 +75,20 @@ class FactoredMatrix:
         return self.A.shape[-1]
 
     @property
+    def ldim(self) -> int:
+        """TransformerLens' names: rows ``m`` (``ldim``), inner ``r`` (``mdim``), columns
+        ``n`` (``rdim``)."""
+        return self.A.shape[-2]
+
+    @property
+    def mdim(self) -> int:
+        return self.rank
+
+    @property
+    def rdim(self) -> int:
+        return self.B.shape[-1]
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.A.dtype
 
@@ -83,16 +100,65 @@ class FactoredMatrix:
         return f"FactoredMatrix(shape={tuple(self.shape)}, rank={self.rank})"
 
     def __getitem__(self, index) -> FactoredMatrix:
-        """Index the leading dimensions, e.g. ``model.QK[layer, head]``."""
+        """Index like the product, without forming it: leading dimensions
+        (``model.QK[layer, head]``), then rows and columns (``f[:, :5]``, ``f[0]``).
+
+        As in TransformerLens, an integer row or column index keeps its axis (length 1), so
+        the result is still a matrix: ``f[0]`` is ``[1, n]``. Rows index ``A``, columns
+        ``B``; the inner dimension is untouched.
+
+        >>> f[..., :5, 2:].shape          # the top-right block, still factored
+        """
         index = index if isinstance(index, tuple) else (index,)
-        lead = self.ndim - 2
-        if any(i is Ellipsis or i is None for i in index) or len(index) > lead:
+        if sum(i is Ellipsis for i in index) > 1:
+            raise IndexError("an index can only have a single ellipsis (...)")
+        consumed = sum(_index_ndim(i) for i in index)
+        if any(i is Ellipsis for i in index):
+            at = next(k for k, i in enumerate(index) if i is Ellipsis)
+            fill = (slice(None),) * (self.ndim - consumed)
+            index = index[:at] + fill + index[at + 1 :]
+            consumed = self.ndim
+        if consumed > self.ndim:
             raise IndexError(
-                f"a FactoredMatrix of shape {tuple(self.shape)} indexes only its {lead} leading "
-                f"dimension(s) with ints, slices or index tensors; got {index!r}. "
-                "Materialise with .AB to index rows and columns."
+                f"too many indices for a FactoredMatrix of shape {tuple(self.shape)}: {index!r}"
             )
-        return FactoredMatrix(self.A[index], self.B[index])
+        lead = self.ndim - 2
+        seen, parts = 0, []  # (item, the axis of the product it indexes)
+        for item in index:
+            if item is None and seen >= lead:
+                raise IndexError(
+                    "a FactoredMatrix takes new axes (None) only among its leading dimensions; "
+                    "add them with .unsqueeze(k), or materialise with .AB"
+                )
+            parts.append((item, seen))
+            seen += _index_ndim(item)
+        before = tuple(item for item, at in parts if at < lead)
+        rows = [item for item, at in parts if at == lead]
+        cols = [item for item, at in parts if at == lead + 1]
+        rows_ix = (_keep_axis(rows[0]),) if rows else ()
+        cols_ix = (_keep_axis(cols[0]),) if cols else ()
+        A = self.A[before + rows_ix]
+        B = self.B[before + ((slice(None),) + cols_ix if cols else ())]
+        return FactoredMatrix(A, B)
+
+    def unsqueeze(self, dim: int) -> FactoredMatrix:
+        """A new leading axis of length 1 at ``dim`` (of the factors: ``dim`` must lie among
+        the leading dimensions, or count from the end past the two matrix axes).
+
+        >>> model.OV[0].unsqueeze(0).shape      # [1, head, d_model, d_model]
+        """
+        return FactoredMatrix(self.A.unsqueeze(dim), self.B.unsqueeze(dim))
+
+    @property
+    def pair(self) -> tuple[Float[Tensor, "... m r"], Float[Tensor, "... r n"]]:
+        """The two factors ``(A, B)``."""
+        return self.A, self.B
+
+    def get_corner(self, k: int = 3) -> Tensor:
+        """The top-left ``k`` entries along every axis of the product (leading ones too),
+        computed from ``k`` rows of ``A`` and ``k`` columns of ``B`` only."""
+        small = self.A[..., :k, :] @ self.B[..., :, :k]
+        return small[tuple(slice(k) for _ in range(small.dim()))]
 
     # ---- products ------------------------------------------------------------------
 
@@ -111,30 +177,59 @@ class FactoredMatrix:
     def T(self) -> FactoredMatrix:
         return FactoredMatrix(self.B.mT, self.A.mT)
 
-    def __matmul__(self, other: Tensor | FactoredMatrix) -> FactoredMatrix | Tensor:
-        """``self @ other``: a FactoredMatrix, or a tensor when ``other`` is a vector."""
+    def __matmul__(self, other) -> FactoredMatrix | Tensor:
+        """``self @ other``: a FactoredMatrix, or a tensor when ``other`` is a vector.
+
+        ``other`` is a tensor (or anything ``torch.as_tensor`` takes: a numpy array, a
+        nested list) or a FactoredMatrix. As in TransformerLens, the product keeps the
+        smaller inner dimension: ``A (B X)`` while this matrix has more columns than its
+        rank, else ``(A B) X`` (inner dimension ``n``). ``F @ G`` is ``(F @ G.A) @ G.B``.
+
+        >>> (model.OV[0, 3] @ model.W_U).shape      # [d_model, d_vocab], still factored
+        """
         if isinstance(other, FactoredMatrix):
             _check_inner(self.shape, other.shape)
-            if other.rank < self.rank:  # keep the smaller inner dimension
-                return FactoredMatrix(self.A @ (self.B @ other.A), other.B)
-            return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
-        if not isinstance(other, Tensor):
+            return (self @ other.A) @ other.B
+        other = self._tensor(other)
+        if other is None:
             return NotImplemented
-        if other.dim() == 1:
+        if other.dim() < 2:
             _check_inner(self.shape, (other.shape[0], 1))
             return (self.A @ (self.B @ other[:, None]))[..., 0]
         _check_inner(self.shape, other.shape)
-        return FactoredMatrix(self.A, self.B @ other)
+        if self.rdim > self.rank:
+            return FactoredMatrix(self.A, self.B @ other)
+        return FactoredMatrix(self.AB, other)
 
-    def __rmatmul__(self, other: Tensor) -> FactoredMatrix | Tensor:
-        """``other @ self``, for a tensor ``other``: ``[..., k, m] @ [..., m, n]``."""
-        if not isinstance(other, Tensor):
+    def __rmatmul__(self, other) -> FactoredMatrix | Tensor:
+        """``other @ self`` for a tensor-like ``other`` ``[..., k, m]`` (or a vector
+        ``[m]``); keeps the smaller inner dimension as ``__matmul__`` does."""
+        other = self._tensor(other)
+        if other is None:
             return NotImplemented
-        if other.dim() == 1:
+        if other.dim() < 2:
             _check_inner((1, other.shape[0]), self.shape)
             return ((other[None, :] @ self.A) @ self.B)[..., 0, :]
         _check_inner(other.shape, self.shape)
-        return FactoredMatrix(other @ self.A, self.B)
+        if self.ldim > self.rank:
+            return FactoredMatrix(other @ self.A, self.B)
+        return FactoredMatrix(other, self.AB)
+
+    def _tensor(self, other) -> Tensor | None:
+        """``other`` as a tensor on this matrix's device (numpy arrays and nested lists in
+        this matrix's dtype), or ``None`` when it is not tensor-like."""
+        if isinstance(other, Tensor):
+            return other
+        if isinstance(other, (str, bytes, numbers.Number)) or not (
+            hasattr(other, "__array__") or isinstance(other, (list, tuple))
+        ):
+            return None
+        dtype = self.dtype if isinstance(other, (list, tuple)) else None
+        try:
+            t = torch.as_tensor(other, dtype=dtype, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return t.to(self.dtype)
 
     def __mul__(self, scalar: float | Tensor) -> FactoredMatrix:
         """``c * M``: the product scaled by a scalar (a number or a one-element tensor).
@@ -167,12 +262,51 @@ class FactoredMatrix:
 
         With ``A = Qa Ra`` and ``Bᵀ = Qb Rb`` (reduced QR), ``A B = Qa (Ra Rbᵀ) Qbᵀ``: the
         SVD of the small core ``Ra Rbᵀ`` rotated by the orthonormal ``Qa``, ``Qb``. Like
-        TransformerLens, ``V`` (not ``Vᵀ``) is returned.
+        TransformerLens, ``V`` (not ``Vᵀ``) is returned. Computed once per matrix.
         """
+        return self._svd
+
+    @cached_property
+    def _svd(self) -> tuple[Tensor, Tensor, Tensor]:
         Qa, Ra = torch.linalg.qr(_linalg_dtype(self.A))
         Qb, Rb = torch.linalg.qr(_linalg_dtype(self.B).mT)
         Uc, S, Vch = torch.linalg.svd(Ra @ Rb.mT, full_matrices=False)
         return Qa @ Uc, S, Qb @ Vch.mT
+
+    @property
+    def U(self) -> Float[Tensor, "... m k"]:
+        """Left singular vectors (``svd()[0]``)."""
+        return self.svd()[0]
+
+    @property
+    def S(self) -> Float[Tensor, "... k"]:
+        """Singular values, largest first (``svd()[1]``)."""
+        return self.svd()[1]
+
+    @property
+    def V(self) -> Float[Tensor, "... n k"]:
+        """Right singular vectors as columns (``svd()[2]``): ``AB == U diag(S) Vᵀ``."""
+        return self.svd()[2]
+
+    @property
+    def Vh(self) -> Float[Tensor, "... n k"]:
+        """TransformerLens' name for ``V`` (it is ``V``, not ``Vᵀ``, there too)."""
+        return self.svd()[2]
+
+    def collapse_l(self) -> Float[Tensor, "... k n"]:
+        """``diag(S) Vᵀ``: the product with its left orthonormal factor ``U`` dropped
+        (``AB == U @ collapse_l()``)."""
+        return self.S[..., :, None] * self.V.mT
+
+    def collapse_r(self) -> Float[Tensor, "... m k"]:
+        """``U diag(S)``: the product with its right orthonormal factor dropped
+        (``AB == collapse_r() @ V.mT``)."""
+        return self.U * self.S[..., None, :]
+
+    def make_even(self) -> FactoredMatrix:
+        """The same product as ``(U √S)(√S Vᵀ)``: both factors carry half the spectrum."""
+        root = self.S.sqrt()
+        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * self.V.mT)
 
     @property
     def eigenvalues(self) -> Complex[Tensor, "... r"]:
@@ -214,3 +348,31 @@ def _check_inner(left: tuple[int, ...], right: tuple[int, ...]) -> None:
 def _linalg_dtype(t: Tensor) -> Tensor:
     """``torch.linalg`` has no 16-bit kernels: compute in float32 there."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _index_ndim(item) -> int:
+    """How many axes of the product an index item consumes (a boolean mask: its own)."""
+    if item is None or item is Ellipsis:
+        return 0
+    if isinstance(item, Tensor) and item.dtype in (torch.bool, torch.uint8):
+        return item.dim()
+    if isinstance(item, (list, tuple)):
+        t = torch.as_tensor(item)
+        return t.dim() if t.dtype == torch.bool else 1
+    return 1
+
+
+def _keep_axis(item):
+    """An integer row or column index as a length-1 slice, so the axis stays (as in
+    TransformerLens): the result of indexing is still a matrix."""
+    if isinstance(item, bool):
+        return item
+    if isinstance(item, numbers.Integral) or (
+        isinstance(item, Tensor)
+        and item.dim() == 0
+        and not item.dtype.is_floating_point
+        and item.dtype != torch.bool
+    ):
+        i = int(item)
+        return slice(i, i + 1 if i != -1 else None)
+    return item
