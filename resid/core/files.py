@@ -16,6 +16,17 @@ A folder that already exists is replaced only when it is empty or when every fil
 is listed in a manifest of the same writer with a matching hash; otherwise
 :class:`ForeignFilesError` names the files resid did not write. SIGINT and SIGTERM
 during the write remove the partial folder and leave the previous one in place.
+
+Single files (a harvest's shards and statistics, its manifest) go through
+:func:`atomic_write`: a temporary sibling named ``.NAME.resid-tmp-XXXXXXXX`` (recognisable
+as resid's by :func:`is_temp`, so a kill at any instant leaves only names resid knows),
+fsynced, then renamed over ``NAME``.
+
+Every path read from a manifest is checked by :func:`inside` (relative, no ``..``, inside
+the folder once symlinks are resolved) right before it is read or deleted, and only regular
+files are read (:func:`read_regular`), so a manifest cannot point resid at a file elsewhere,
+at a device such as ``/dev/zero``, or through a symlink. Files get the permissions the
+user's umask gives (``0o666 & ~umask``), as ``open`` would, not ``mkstemp``'s ``0o600``.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -37,20 +49,184 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "resid-manifest.json"
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest larger than this is not one resid wrote
+TEMP_MARK = ".resid-tmp-"  # in the name of every temporary file atomic_write makes
+_TEMP = re.compile(r"\.(?P<name>.+)\.resid-tmp-[A-Za-z0-9_]{6,}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_REL = 1024  # characters in a manifest path
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
+_UMASK_LOCK = threading.Lock()
 
 
 class ForeignFilesError(FileExistsError):
     """An existing output path holds files resid cannot prove it wrote; they are named."""
 
 
+class UnsafePathError(ValueError):
+    """A path read from a file (a manifest) that is absolute, climbs out with ``..``, leaves
+    its folder through a symlink, or is not a regular file; the message names it."""
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where Linux allows).
+
+    >>> oct(0o666 & ~umask())   # the mode open() gives a new file, e.g. '0o644'
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under the user's umask (``0o666 & ~umask``)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The permissions a new folder gets under the user's umask (``0o777 & ~umask``)."""
+    return 0o777 & ~umask()
+
+
+def check_relpath(rel: object, what: str = "a manifest path") -> str:
+    """``rel`` if it is a plain relative POSIX path (no ``..``, ``.``, empty part, backslash,
+    NUL, or leading ``/``), else :class:`UnsafePathError`.
+
+    >>> check_relpath("shards/000001.safetensors")
+    'shards/000001.safetensors'
+    """
+    if not isinstance(rel, str) or not rel:
+        raise UnsafePathError(f"{what} must be a non-empty string, not {rel!r}")
+    if len(rel) > _MAX_REL or "\0" in rel or "\\" in rel or rel.startswith("/"):
+        raise UnsafePathError(f"{what} {rel[:80]!r} is not a relative path inside its folder")
+    if any(part in ("", ".", "..") for part in rel.split("/")) or (
+        len(rel) > 1 and rel[1] == ":"  # a Windows drive
+    ):
+        raise UnsafePathError(f"{what} {rel[:80]!r} is not a relative path inside its folder")
+    return rel
+
+
+def inside(folder: str | Path, rel: object, what: str = "a manifest path") -> Path:
+    """``folder / rel``, checked now: ``rel`` is relative without ``..`` and no component
+    below ``folder`` is a symlink, so the path cannot leave ``folder``.
+
+    >>> inside("h", "stats/blocks.0.hook_resid_post.safetensors")
+    PosixPath('h/stats/blocks.0.hook_resid_post.safetensors')
+    """
+    rel = check_relpath(rel, what)
+    folder = Path(folder)
+    here = folder
+    for part in rel.split("/"):
+        here = here / part
+        try:
+            if stat.S_ISLNK(os.lstat(here).st_mode):
+                raise UnsafePathError(f"{what} {rel!r} passes through the symlink {here}")
+        except FileNotFoundError:
+            break
+    real, root = os.path.realpath(folder / rel), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root or real == root:
+        raise UnsafePathError(f"{what} {rel!r} resolves outside {folder}")
+    return folder / rel
+
+
+def _open_regular(path: str | Path) -> tuple[int, os.stat_result]:
+    """An fd on ``path`` if it is a regular file (a symlink is not followed, a FIFO or
+    device is not waited on), with its stat."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePathError(f"{path} is a symlink, not a regular file") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"{path} is not a regular file")
+    return fd, st
+
+
+def read_regular(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (not through a symlink), refusing one larger
+    than ``max_bytes``: a bounded read whatever ``path`` turns out to be.
+
+    >>> read_regular("h/resid-manifest.json", 16 << 20)[:1]
+    b'{'
+    """
+    fd, st = _open_regular(path)
+    try:
+        if st.st_size > max_bytes:
+            raise UnsafePathError(
+                f"{path} is {st.st_size:,} bytes, more than the {max_bytes:,} resid reads here"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise UnsafePathError(f"{path} grew past {max_bytes:,} bytes while being read")
+    return data
+
+
 def sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of the regular file ``path``; a symlink, FIFO or device is refused
+    (:class:`UnsafePathError`) rather than followed or read forever."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    fd, st = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        left = st.st_size
+        while left > 0:
+            block = f.read(min(1 << 20, left))
+            if not block:
+                break
             digest.update(block)
+            left -= len(block)
     return digest.hexdigest()
+
+
+def is_temp(name: str) -> str | None:
+    """The file name an :func:`atomic_write` temporary stands for (None: not one)."""
+    m = _TEMP.fullmatch(name)
+    return m.group("name") if m else None
+
+
+def atomic_write(path: str | Path, data: bytes, durable: bool = True) -> str:
+    """Write ``data`` to ``path`` whole or not at all; returns its SHA-256 (hex).
+
+    The bytes go to a new sibling ``.NAME.resid-tmp-XXXXXXXX`` (made exclusively, so it
+    is resid's), which gets the umask's permissions, is fsynced when ``durable``, and is
+    renamed over ``path``. A failure removes the sibling; a kill leaves at most that
+    sibling, which :func:`is_temp` recognises.
+
+    >>> atomic_write("h/stats/x.safetensors", safetensors.torch.save(tensors))
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync(path.parent)
+    return hashlib.sha256(data).hexdigest()
 
 
 def target(out: str | Path) -> Path:
@@ -63,17 +239,22 @@ def target(out: str | Path) -> Path:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
+    """``folder``'s ``resid-manifest.json`` if it is one resid could have written (a
+    regular file under 16 MiB, JSON, its ``files`` mapping safe relative paths to SHA-256
+    digests), else None."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > 16 << 20:
-            return None
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads(read_regular(Path(folder) / MANIFEST, MANIFEST_MAX_BYTES))
+    except (OSError, ValueError, RecursionError):  # UnsafePathError is a ValueError
         return None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        isinstance(v, str) and _HEX64.fullmatch(v) for v in files.values()
     ):
+        return None
+    try:
+        for rel in files:
+            check_relpath(rel)
+    except UnsafePathError:
         return None
     return manifest
 
@@ -85,7 +266,7 @@ def write_manifest(folder: Path, writer: str) -> None:
         for name in names:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            if rel != MANIFEST:
+            if rel != MANIFEST and stat.S_ISREG(os.lstat(path).st_mode):
                 files[rel] = sha256(path)
     body = json.dumps({"writer": writer, "files": dict(sorted(files.items()))}, indent=1)
     (folder / MANIFEST).write_text(body + "\n", encoding="utf-8")
@@ -114,7 +295,7 @@ def foreign_files(folder: Path, writer: str) -> list[str]:
     if manifest is None or manifest.get("writer") != writer:
         why = "no resid manifest" if manifest is None else f"written by {manifest.get('writer')!r}"
         return [f"{rel} ({why})" if rel == MANIFEST else rel for rel, _ in entries]
-    listed = manifest["files"]
+    listed = manifest["files"]  # checked by read_manifest: relative, no ".."
     dirs = {p for rel in listed for p in Path(rel).parents if str(p) != "."}
     foreign = []
     for rel, st in entries:
@@ -166,11 +347,11 @@ def remove_owned(folder: Path, writer: str) -> list[str]:
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("writer") == writer:
         for rel, digest in manifest["files"].items():
-            path = folder / rel
-            try:
+            try:  # checked again right before the delete: inside, regular, ours
+                path = inside(folder, rel)
                 if stat.S_ISREG(os.lstat(path).st_mode) and sha256(path) == digest:
                     path.unlink()
-            except OSError:
+            except (OSError, ValueError):
                 pass
         (folder / MANIFEST).unlink(missing_ok=True)
     for root, dirs, _ in os.walk(folder, topdown=False):
@@ -284,13 +465,26 @@ def _swap_in(tmp: Path, out: Path) -> Path | None:
     return old
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the umask's permissions (libraries that
+    write through ``mkstemp`` leave ``0o600``, unreadable to the user's group)."""
+    fmode, dmode = file_mode(), dir_mode()
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                os.chmod(os.path.join(root, d), dmode)
+        for name in names:
+            p = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.chmod(p, fmode | (os.lstat(p).st_mode & 0o111 & ~umask()))
+
+
 def make_staging(out: Path) -> Path:
+    """A fresh hidden sibling of ``out`` (``.NAME.partial-XXXX``) with the umask's mode."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would hide the files from other users
+        tmp.chmod(dir_mode())  # mkdtemp's 0o700 would hide the files from other users
         return tmp
     except OSError as e:
         raise OSError(f"cannot write to {out}: {e.strerror or e}") from e
@@ -319,6 +513,7 @@ def replace_folder(
     with signals_raise():
         try:
             yield tmp
+            _umask_modes(tmp)
             write_manifest(tmp, writer)
             if durable:
                 for root, _, names in os.walk(tmp):
