@@ -1,5 +1,7 @@
-"""The package's shape: imports point one way, core <- analysis <- interventions <- io, viz
-<- cli, with no cycle and no import hidden in a function to dodge one.
+"""The package's shape: imports point one way, core <- analysis <- interventions <- sae,
+harvest <- io, viz <- cli, with no cycle and no import hidden in a function to dodge one;
+no module over 600 lines; nothing rebinds a class attribute or a ``sys.modules`` entry at
+import; and the core imports neither plotly nor ``transformers``.
 
 Read from the source with ``ast`` (nothing is imported), counting imports at module level
 and inside functions and classes, but not those under ``if TYPE_CHECKING:`` (never run).
@@ -8,12 +10,26 @@ and inside functions and classes, but not those under ``if TYPE_CHECKING:`` (nev
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "resid"
-LAYERS = {"core": 0, "analysis": 1, "interventions": 2, "io": 3, "viz": 3, "cli": 4, "__main__": 4}
+# siblings share a level and do not import each other (sae and harvest; io and viz)
+LAYERS = {
+    "core": 0,
+    "analysis": 1,
+    "interventions": 2,
+    "sae": 3,
+    "harvest": 3,
+    "io": 4,
+    "viz": 4,
+    "cli": 5,
+    "__main__": 5,
+}
+MAX_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -84,6 +100,13 @@ def layer(module: str) -> int | None:
     return LAYERS.get(parts[1]) if len(parts) > 1 else None  # None: resid itself
 
 
+def is_shim(module: str) -> bool:
+    """A top-level module outside the layers (``resid/patching.py``): the flat layout's
+    names, re-exported or forwarded with a DeprecationWarning, for users only."""
+    parts = module.split(".")
+    return len(parts) == 2 and parts[1] not in LAYERS
+
+
 def test_the_walk_sees_the_package():
     """The walk finds the layers, their modules and the imports between them (so the tests
     below are not vacuous)."""
@@ -115,20 +138,24 @@ def test_no_function_level_imports_of_resid():
 
 
 def test_layers_import_downwards_only():
-    """core <- analysis <- interventions <- io, viz <- cli: a module imports only its own
-    layer or lower ones (io and viz, side by side, not each other); only resid/__init__.py,
-    the composition root, imports across them all, and no module imports it."""
+    """core <- analysis <- interventions <- sae, harvest <- io, viz <- cli: a module imports
+    only its own layer or lower ones (siblings, side by side, not each other); only
+    resid/__init__.py, the composition root, and the flat layout's compatibility modules
+    import across them all, and no layered module imports those."""
     wrong = []
     for m, found in GRAPH.items():
         for target, _, line in found:
             if target == "resid":
                 wrong.append(f"{m}:{line} imports resid itself (the composition root)")
                 continue
+            if m == "resid" or is_shim(m):
+                continue  # the composition root and the compatibility modules
+            if is_shim(target):
+                wrong.append(f"{m}:{line} imports the compatibility module {target}")
+                continue
             src, dst = layer(m), layer(target)
-            if src is None:
-                continue  # resid/__init__.py
             same_level_sibling = src == dst and m.split(".")[1] != target.split(".")[1]
-            if dst > src or (same_level_sibling and src == LAYERS["io"]):
+            if dst > src or same_level_sibling:
                 wrong.append(f"{m}:{line} imports {target}")
     assert wrong == []
 
@@ -170,3 +197,96 @@ def test_short_public_names_still_import(name):
     import resid
 
     assert hasattr(resid, name)
+
+
+def test_no_module_over_the_line_limit():
+    long = {
+        str(p.relative_to(ROOT.parent)): n
+        for p in MODULES.values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def patches_at_import(tree: ast.Module) -> list[tuple[int, str]]:
+    """Statements run at import (module level, ``if``/``for``/``with``/``try`` bodies
+    included; not function or class bodies) that write ``sys.modules`` or an attribute of
+    another object (``Model.cache_type = ...``, ``setattr(...)``)."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            return
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, (ast.Attribute, ast.Subscript)):
+                        found.append((node.lineno, ast.unparse(t)))
+                        break
+        if isinstance(node, ast.Call):
+            f = ast.unparse(node.func)
+            if f in ("setattr", "sys.modules.setdefault", "sys.modules.update") or f.endswith(
+                "modules.__setitem__"
+            ):
+                found.append((node.lineno, f))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for stmt in tree.body:
+        visit(stmt)
+    return found
+
+
+def test_the_patch_finder_finds_patches():
+    src = """
+import sys
+Model.cache_type = AnalysisCache
+sys.modules["resid.x"] = x
+for m in mods:
+    sys.modules.setdefault(m.__name__, m)
+setattr(Model, "f", g)
+def f():
+    obj.x = 1
+class C:
+    y = 2
+TABLE = {}
+TABLE["a"] = 1
+"""
+    lines = [line for line, _ in patches_at_import(ast.parse(src))]
+    assert lines == [3, 4, 6, 7, 13]
+
+
+def test_nothing_is_patched_at_import():
+    """No ``sys.modules`` entry is written and no class or module attribute rebound at
+    import: every module a user imports is a real file, and every class is as defined.
+    (Filling or configuring an object the same module made, ``TABLE[k] = v`` after
+    ``TABLE = {}``, is allowed.)"""
+    patched = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text())
+        own = {
+            t.id
+            for node in tree.body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Name)
+        }
+        for line, what in patches_at_import(tree):
+            if what.split("[")[0].split(".")[0] in own and not what.startswith("setattr"):
+                continue  # an object this module made
+            patched.append(f"{path.relative_to(ROOT.parent)}:{line} {what}")
+    assert patched == []
+
+
+def test_core_imports_neither_plotly_nor_transformers():
+    """Importing the core (which runs resid/__init__.py first) loads no plotting library
+    and no reference implementation: they are extras."""
+    code = (
+        "import sys, resid.core, resid.core.model; "
+        "print(sorted(m for m in ('plotly', 'transformers', 'transformer_lens') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
