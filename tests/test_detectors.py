@@ -5,6 +5,7 @@ import torch
 
 from resid.analysis.detectors import (
     bos_score,
+    detect_head,
     duplicate_token_score,
     head_scores,
     induction_score,
@@ -67,3 +68,107 @@ def test_repeated_tokens_and_model_scores(tiny):
     torch.testing.assert_close(bos, torch.tensor([1.0, 2 / T, uniform_bos]))
     torch.testing.assert_close(prev, torch.tensor([1 / (T - 1), 1.0, uniform_prev]))
     assert all(((s.values >= 0) & (s.values <= 1 + 1e-6)).all() for s in scores.values())
+
+
+# ---- detect_head: TransformerLens' detector, options and error measures ----------------
+
+PROMPT = "The cat sat on the mat. The cat sat on the mat. A dog ran."
+PROMPTS = [PROMPT, "One two three one two three four", "Hi there, hi there"]
+
+
+@pytest.fixture(scope="module")
+def tl_bridge(tiny_hf):
+    pytest.importorskip("transformer_lens")
+    from resid.io.references import transformer_lens_bridge
+
+    return transformer_lens_bridge(tiny_hf)
+
+
+@pytest.mark.parametrize("name", ["previous_token_head", "duplicate_token_head", "induction_head"])
+@pytest.mark.parametrize("measure", ["mul", "abs"])
+@pytest.mark.parametrize("exclude", [(False, False), (True, False), (False, True), (True, True)])
+def test_detect_head_equals_transformer_lens(tiny, tl_bridge, name, measure, exclude):
+    """Same weights, same prompt, same options: TransformerLens rounds "abs" to 3 decimals,
+    so there the bound is half a unit of the third decimal."""
+    from transformer_lens.head_detector import detect_head as tl_detect_head
+
+    kw = dict(exclude_bos=exclude[0], exclude_current_token=exclude[1], error_measure=measure)
+    theirs = tl_detect_head(tl_bridge, PROMPT, name, **kw).float()
+    ours = detect_head(tiny, PROMPT, name, **kw)
+    assert ours.axes == ("layer", "head") and ours.values.shape == theirs.shape
+    atol = 5e-4 + 1e-6 if measure == "abs" else 1e-5
+    torch.testing.assert_close(ours.values, theirs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("measure", ["mul", "abs"])
+def test_detect_head_on_several_prompts_is_their_mean_as_transformer_lens(tiny, tl_bridge, measure):
+    """A list of prompts runs here as one padded batch; TransformerLens runs each alone."""
+    from transformer_lens.head_detector import detect_head as tl_detect_head
+
+    theirs = tl_detect_head(tl_bridge, PROMPTS, "induction_head", error_measure=measure)
+    for side in ("right", "left"):
+        tokens, mask = tiny.to_tokens(PROMPTS, padding_side=side, return_attention_mask=True)
+        ours = detect_head(
+            tiny, tokens, "induction_head", error_measure=measure, attention_mask=mask
+        )
+        atol = 5e-4 + 1e-6 if measure == "abs" else 1e-5
+        torch.testing.assert_close(ours.values, theirs.float(), atol=atol, rtol=0)
+    # the heads option: the rest score -1, as in TransformerLens
+    only = detect_head(tiny, PROMPTS, "induction_head", heads={1: [2]}, error_measure=measure)
+    assert (only.values[0] == -1).all() and only.values[1, 2] > -1
+    assert torch.equal(
+        only.values,
+        detect_head(tiny, PROMPTS, "induction_head", heads=[(1, 2)], error_measure=measure).values,
+    )
+
+
+def test_detect_head_custom_pattern_by_hand(tiny, tl_bridge):
+    """A planted pattern scored by hand: head 0 puts 1/2 on the previous token and 1/2 on
+    itself; the detection pattern expects all of it on the previous token."""
+    from transformer_lens.head_detector import detect_head as tl_detect_head
+
+    tokens = tiny.to_tokens(PROMPT)
+    T = tokens.shape[1]
+    expected = torch.zeros(T, T)
+    expected[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+
+    def plant(pattern, hook):
+        p = pattern.clone()
+        p[:, 0] = 0
+        p[:, 0, 0, 0] = 1
+        p[:, 0, torch.arange(1, T), torch.arange(T - 1)] = 0.5
+        p[:, 0, torch.arange(1, T), torch.arange(1, T)] = 0.5
+        return p
+
+    with tiny.hooks([("blocks.0.attn.hook_pattern", plant)]):
+        mul = detect_head(tiny, tokens, expected)
+        absolute = detect_head(tiny, tokens, expected, error_measure="abs")
+        no_self = detect_head(tiny, tokens, expected, exclude_current_token=True)
+    # mul: (T - 1) halves of mass over T rows of mass 1
+    assert mul.values[0, 0].item() == pytest.approx((T - 1) / 2 / T, abs=1e-6)
+    # abs: row 0 matches nothing (|1 - 0|), rows 1.. miss by 1/2 + 1/2
+    assert absolute.values[0, 0].item() == pytest.approx(1 - (1 + (T - 1)) / T, abs=1e-6)
+    # without the diagonal: all that is left is on the previous token
+    assert no_self.values[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    # unplanted: as TransformerLens scores the same custom pattern
+    theirs = tl_detect_head(tl_bridge, PROMPT, expected)
+    torch.testing.assert_close(
+        detect_head(tiny, tokens, expected).values, theirs.float(), atol=1e-5, rtol=0
+    )
+
+
+def test_detect_head_bad_input(tiny):
+    tokens = tiny.to_tokens(PROMPT)
+    T = tokens.shape[1]
+    with pytest.raises(ValueError, match="lower triangular"):
+        detect_head(tiny, tokens, torch.ones(T, T))
+    with pytest.raises(ValueError, match=rf"\[{T}, {T}\]"):
+        detect_head(tiny, tokens, torch.zeros(T - 1, T - 1))
+    with pytest.raises(ValueError, match="not one of"):
+        detect_head(tiny, tokens, "copying_head")
+    with pytest.raises(ValueError, match="error_measure"):
+        detect_head(tiny, tokens, "induction_head", error_measure="l2")
+    with pytest.raises(ValueError, match="not a \\(layer, head\\)"):
+        detect_head(tiny, tokens, "induction_head", heads=[(5, 0)])
+    with pytest.warns(UserWarning, match="other than 0 and 1"):
+        detect_head(tiny, tokens, torch.tril(torch.full((T, T), 0.5)))

@@ -18,11 +18,17 @@ batch scores exactly as its prompts run alone, pooled over their scored queries.
 >>> scores = head_scores(model, tokens)
 >>> scores["induction"].values.shape          # [n_layers, n_heads]: a Labelled
 >>> head_scores(model, ["Hi", "The cat sat. The cat sat."])   # padded and masked for you
+
+``detect_head`` is TransformerLens' ``detect_head``: one score per head for a named or a
+custom detection pattern, with its ``"mul"`` and ``"abs"`` error measures and its
+``exclude_bos`` / ``exclude_current_token`` options.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -249,3 +255,138 @@ def repeated_tokens(
     r = torch.randint(0, d_vocab - 1, (batch, seq_len), generator=g)
     r = r + (r >= bos).long()  # skip the BOS id
     return torch.cat([torch.full((batch, 1), bos), r, r], dim=1)
+
+
+HEAD_PATTERNS = ("previous_token_head", "duplicate_token_head", "induction_head")
+Heads = Sequence[tuple[int, int]] | Mapping[int, Sequence[int]]
+
+
+@torch.no_grad()
+def detect_head(
+    model: Model,
+    seq: Int[Tensor, "batch pos"] | str | list[str],
+    detection_pattern: Literal["previous_token_head", "duplicate_token_head", "induction_head"]
+    | Float[Tensor, "pos pos"]
+    | Float[Tensor, "batch pos pos"],
+    heads: Heads | None = None,
+    cache: ActivationCache | None = None,
+    *,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+    error_measure: Literal["mul", "abs"] = "mul",
+    attention_mask: Mask | Tensor | None = None,
+) -> Labelled:
+    """How closely each head's attention matches ``detection_pattern``, as TransformerLens'
+    ``detect_head`` scores it: ``Labelled`` with axes ``("layer", "head")``.
+
+    ``detection_pattern`` is one of ``HEAD_PATTERNS`` (built from each prompt's tokens) or a
+    lower-triangular ``[pos, pos]`` tensor (or one per prompt, ``[batch, pos, pos]``) of
+    the attention you expect. Per prompt, with ``p`` its pattern over its real tokens and
+    ``d`` the detection pattern:
+
+    - ``"mul"``: ``Σ p·d / Σ p``, the share of the head's attention on the marked pairs;
+    - ``"abs"``: ``1 - Σ|p - d| / n`` (n real tokens), 1 for a perfect match, -1 for the
+      worst (TransformerLens rounds this to 3 decimals; resid does not).
+
+    ``exclude_bos`` leaves out the attention to each prompt's first real token (BOS),
+    ``exclude_current_token`` each query's attention to itself. Several prompts (a list of
+    strings, or a batch with its ``attention_mask``) score as the mean of their scores, as
+    TransformerLens' list of prompts does, each over its real tokens only. Heads not in
+    ``heads`` (``[(layer, head), ...]`` or ``{layer: [heads]}``) score -1.
+
+    >>> detect_head(model, "The cat sat. The cat sat.", "induction_head").top(3)
+    >>> detect_head(model, tokens, my_pattern, error_measure="abs", exclude_bos=True)
+    """
+    if error_measure not in ("mul", "abs"):
+        raise ValueError(f"error_measure must be 'mul' or 'abs', not {error_measure!r}")
+    tokens, mask = model.prepare(seq, attention_mask)
+    if tokens.shape[1] < 2:
+        raise ValueError("detect_head needs at least two tokens per prompt")
+    if cache is None:
+        _, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"), attention_mask=mask
+        )
+    elif attention_mask is None and not isinstance(seq, (str, list)):
+        mask = cache.attention_mask
+    real, rank = _real(tokens, mask)
+    tokens = tokens.to(real.device)
+    expected = _detection(detection_pattern, tokens, real, rank)
+    if error_measure == "mul" and not bool(((expected == 0) | (expected == 1)).all()):
+        warnings.warn(
+            "a detection pattern with values other than 0 and 1 under error_measure='mul' "
+            "weighs pairs, it does not predict amounts: use error_measure='abs' for that",
+            stacklevel=2,
+        )
+    pairs = _pairs(real)  # real query, real key, key not after query
+    keep = pairs.clone()
+    if exclude_bos:
+        keep &= ~(rank[:, None, :] == 0)
+    if exclude_current_token:
+        keep &= ~torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+    chosen = _chosen_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
+    scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), -1.0)
+    for layer in sorted({layer for layer, _ in chosen}):
+        p = cache[f"blocks.{layer}.attn.hook_pattern"].to(real.device, torch.float64)
+        if error_measure == "mul":
+            p = p * keep[:, None]
+            per_prompt = (p * expected[:, None]).sum((-2, -1)) / p.sum((-2, -1))
+        else:
+            diff = (p - expected[:, None]).abs() * keep[:, None]
+            per_prompt = 1 - diff.sum((-2, -1)) / real.sum(-1, keepdim=True)
+        mean = per_prompt.mean(0).float().cpu()
+        for h in (h for lay, h in chosen if lay == layer):
+            scores[layer, h] = mean[h]
+    return Labelled(scores, ("layer", "head"), site=f"detect_head ({error_measure})")
+
+
+def _detection(
+    pattern: str | Tensor, tokens: Tensor, real: Mask, rank: Tensor
+) -> Float[Tensor, "batch pos pos"]:
+    """The detection pattern per prompt, in float64, zero outside real (query, key) pairs."""
+    if isinstance(pattern, str):
+        builders = {
+            "previous_token_head": lambda: _where_previous(real, rank),
+            "duplicate_token_head": lambda: _where_duplicate(real, tokens),
+            "induction_head": lambda: _where_induction(real, tokens),
+        }
+        if pattern not in builders:
+            raise ValueError(
+                f"detection_pattern {pattern!r} is not one of {HEAD_PATTERNS}; or pass a "
+                "[pos, pos] tensor of the attention you expect"
+            )
+        return builders[pattern]().double()
+    if not isinstance(pattern, Tensor):
+        raise TypeError(
+            f"detection_pattern is a name in {HEAD_PATTERNS} or a tensor, not {type(pattern).__name__}"
+        )
+    batch, n = real.shape
+    d = pattern.to(real.device, torch.float64)
+    if d.dim() == 2:
+        d = d.expand(batch, n, n) if d.shape == (n, n) else d
+    if tuple(d.shape) != (batch, n, n):
+        raise ValueError(
+            f"detection_pattern has shape {tuple(pattern.shape)}; the prompts need [{n}, {n}] "
+            f"(or one per prompt, [{batch}, {n}, {n}]): one row per query position"
+        )
+    if not bool((d.triu(1) == 0).all()):
+        raise ValueError(
+            "detection_pattern must be lower triangular: a query cannot attend to a later key"
+        )
+    return d * _pairs(real)
+
+
+def _chosen_heads(heads: Heads | None, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """``heads`` as (layer, head) pairs, checked; every head when ``None``."""
+    if heads is None:
+        return [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    if isinstance(heads, Mapping):
+        pairs = [(layer, h) for layer, hs in heads.items() for h in hs]
+    else:
+        pairs = [tuple(p) for p in heads]
+    for pair in pairs:
+        if len(pair) != 2 or not (0 <= pair[0] < n_layers and 0 <= pair[1] < n_heads):
+            raise ValueError(
+                f"head {pair!r} is not a (layer, head) of this model "
+                f"({n_layers} layers of {n_heads} heads)"
+            )
+    return [(int(layer), int(h)) for layer, h in pairs]
