@@ -15,32 +15,42 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# Only the standard library at import: `resid --help` and `resid --version` answer in a
+# fraction of a second. Each command imports torch and the layers it runs inside its own
+# function (the top layer, imported by nothing, so these imports cannot hide a cycle;
+# tests/test_layout.py still checks their direction).
+DTYPES = ("float32", "bfloat16", "float16")
 
-from resid.interventions import sae as sae_files
-from resid.io import harvest as harvesting
-from resid.io.compare import compare, format_report
-from resid.io.loading import load
-from resid.viz import dashboard
-from resid.viz.attention_pages import check_out, write_attention
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _load(name: str, **kwargs):
+    from resid.io.loading import load
+
+    return load(name, **kwargs)
 
 
 def _compare(args) -> int:
-    report = compare(args.model, args.prompt, device=args.device, dtype=DTYPES[args.dtype])
+    from resid.io.compare import compare, format_report
+
+    report = compare(args.model, args.prompt, device=args.device, dtype=_dtype(args.dtype))
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def _info(args) -> int:
-    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = _load(args.model, device=args.device, dtype=_dtype(args.dtype))
     n_params = sum(p.numel() for p in model.parameters())
     print(model)
     print(f"parameters: {n_params:,} ({n_params * model.dtype.itemsize / 2**20:.1f} MiB)")
-    for key, value in model.cfg.to_dict().items():
-        print(f"  {key:<16}{value}")
+    config = model.cfg.to_dict()
+    width = max(map(len, config)) + 2  # two spaces after the longest name
+    for key, value in config.items():
+        print(f"  {key:<{width}}{value}")
     per_block = [n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.0.")]
     outer = [n for n in model.hook_names if not n.startswith("blocks.")]
     print(f"hook sites: {len(model.hook_names)}")
@@ -74,8 +84,10 @@ def _attention(args) -> int:
     bad = [f for f in formats if f not in ("html", "png", "svg")]
     if bad:
         raise ValueError(f"unknown --format {bad[0]!r}: choose from html, png, svg")
+    from resid.viz.attention_pages import check_out, write_attention
+
     check_out(args.out)  # fail before loading a model when the output cannot be written
-    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = _load(args.model, device=args.device, dtype=_dtype(args.dtype))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, n_plots, messages = write_attention(
@@ -94,17 +106,21 @@ def _attention(args) -> int:
 
 
 def _harvest(args) -> int:
+    import torch.distributed as dist
+
+    from resid.io import harvest as harvesting
+
     window = tuple(int(x) for x in args.window.split(","))
     created = not (dist.is_available() and dist.is_initialized())
     rank, world, device = harvesting.init_distributed(args.device, args.dist_timeout)
     try:
-        model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+        model = _load(args.model, device=device, dtype=_dtype(args.dtype))
         out = harvesting.harvest(
             model, args.corpus, args.out, args.sites, stats=not args.no_stats,
             activations=args.activations, context_length=args.context_length, mode=args.mode,
             batch_size=args.batch_size, shard_batches=args.shard_batches,
             max_tokens=args.max_tokens,
-            store_dtype=DTYPES[args.store_dtype] if args.store_dtype else None, k=args.k,
+            store_dtype=_dtype(args.store_dtype), k=args.k,
             window=window, active_threshold=args.active_threshold, exclude_bos=args.exclude_bos,
             text_field=args.text_field, split=args.split, resume=args.resume,
             progress=not args.quiet, log=args.log, label=args.model,
@@ -120,10 +136,14 @@ def _harvest(args) -> int:
 
 
 def _dashboard(args) -> int:
+    from resid.interventions import sae as sae_files
+    from resid.io import harvest as harvesting
+    from resid.viz import dashboard
+
     dashboard.check_out(args.out)  # before loading a model
     model = None
     if not args.no_model:
-        model = load(args.model or harvesting.read_harvest(args.harvest)["model"], device="cpu")
+        model = _load(args.model or harvesting.read_harvest(args.harvest)["model"], device="cpu")
     saes = [sae_files.load(path, device="cpu") for path in args.sae or ()]
     out, n = dashboard.write_dashboard(
         args.harvest, args.out, model=model, sites=args.sites, units=args.units,
@@ -133,10 +153,28 @@ def _dashboard(args) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, read only when asked for."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("resid")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed: pip install -e .)"
+        print(f"resid {number}")
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resid", description="GPT-2 interpretability from the command line"
     )
+    parser.add_argument("--version", action=_Version, help="print resid's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:

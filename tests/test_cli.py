@@ -1,11 +1,17 @@
-"""The command line: `resid compare` and `resid info` on a saved checkpoint."""
+"""The command line: `resid compare` and `resid info` on a saved checkpoint; `--version`;
+`--help` without loading torch."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import resid
 from resid.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compare_prints_a_table_and_exits_0(tiny_dir, capsys):
@@ -46,8 +52,25 @@ def test_info_and_python_dash_m(tiny_dir):
     out = subprocess.run([sys.executable, "-m", "resid", "info", str(tiny_dir), "--device", "cpu"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "n_layers        2" in out.stdout and "hook sites: 40" in out.stdout
+    assert "hook sites: 40" in out.stdout
     assert "blocks.{l}.…): hook_resid_pre, ln1.hook_scale" in out.stdout
+    # one config entry a line, name and value apart (issue 24: `parallel_attn_mlpFalse`)
+    config = resid.load(tiny_dir, device="cpu").cfg.to_dict()
+    lines = [
+        line.split()
+        for line in out.stdout.splitlines()
+        if line.split()[:1] in ([k] for k in config)
+    ]
+    assert {name: value for name, value in lines} == {k: str(v) for k, v in config.items()}
+    assert "parallel_attn_mlp  False" in out.stdout and "n_layers" in config
+
+
+def test_version_is_the_projects():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1)
+    out = subprocess.run([sys.executable, "-m", "resid", "--version"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and out.stdout == f"resid {version}\n"
 
 
 @pytest.mark.parametrize("argv", [[], ["compare"], ["frobnicate", "x"]])

@@ -27,7 +27,7 @@ LAYERS = {
     "io": 4,
     "viz": 4,
     "cli": 5,
-    "__main__": 5,
+    "__main__": 6,  # `python -m resid`: runs the command line
 }
 MAX_LINES = 600
 
@@ -128,13 +128,18 @@ def test_the_walk_sees_the_package():
 
 
 def test_no_function_level_imports_of_resid():
+    """Except in the command line: the top layer, which nothing imports (so its imports
+    cannot hide a cycle), imports each command's layers inside that command, so that
+    `resid --help` loads no torch (tests/test_cli.py times it). The direction of those
+    imports is still checked below."""
     hidden = [
         f"{MODULES[m].relative_to(ROOT.parent)}:{line} imports {target}"
         for m, found in GRAPH.items()
         for target, in_function, line in found
-        if in_function
+        if in_function and m != "resid.cli"
     ]
     assert hidden == []
+    assert any(in_function for _, in_function, _ in GRAPH["resid.cli"])  # the exemption is used
 
 
 def test_layers_import_downwards_only():
