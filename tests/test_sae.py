@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import resid
 from resid import metrics
 from resid.interventions.patching import attribution_patch, patch
-from resid.interventions.sae import (
+from resid.sae import (
     SAE,
     SAEConfig,
     SAEError,
@@ -77,7 +77,11 @@ def test_encode_decode_match_saelens(folder):
 def test_save_round_trips_saelens_format(folder, tmp_path):
     sae = resid.sae.load(folder)
     out = resid.sae.save(sae, tmp_path / "copy")
-    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cfg.json",
+        "resid-manifest.json",
+        "sae_weights.safetensors",
+    ]
     theirs, ours = (json.loads((f / "cfg.json").read_text()) for f in (folder, out))
     for key in ("d_in", "d_sae", "architecture", "apply_b_dec_to_input", "normalize_activations"):
         assert ours[key] == theirs[key]

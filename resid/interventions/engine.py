@@ -161,17 +161,24 @@ class Engine:
             return resid_pre, mask[:, None, :, s, None]  # [n, 1, head, S, 1]
         if self.site in ("q", "k", "v"):
             return resid_pre, mask[:, None, s, :, None]  # [n, 1, S, head, 1]
-        if self.site == "z":
-            m = mask[:, None, s, :, None]
-            z = torch.where(m, clean[:, s], self.c("z", layer)[:, s]).flatten(0, 1)
-            return resid_pre + self.model.blocks[layer].attn.project(z), None
-        m = mask[:, None, s, None]  # [n, 1, S, 1]
+        m = mask[:, None, s, :, None] if self.site == "z" else mask[:, None, s, None]
         x = torch.where(m, clean[:, s], self.c(self.site, layer)[:, s]).flatten(0, 1)
+        return self.join(layer, x, start), None
+
+    def join(self, layer: int, value: Tensor, start: int) -> Tensor:
+        """The stream state, at this site's stage of block ``layer``, of copies whose
+        activation at the site (positions ``start..``, ``[n*b, S, ...]``) is ``value``:
+        a residual site is the state itself, ``attn_out``/``z`` add to ``resid_pre``,
+        ``mlp_out`` to ``resid_mid``. (Patches of SAE features join through it too.)"""
+        n, s = len(value) // self.b, slice(start, None)
+        if self.site == "z":
+            resid_pre = self.c("resid_pre", layer)[:, s].repeat(n, 1, 1)
+            return resid_pre + self.model.blocks[layer].attn.project(value)
         if self.site == "attn_out":
-            x = resid_pre + x
-        elif self.site == "mlp_out":
-            x = self.c("resid_mid", layer)[:, s].repeat(n, 1, 1) + x
-        return x, None
+            return self.c("resid_pre", layer)[:, s].repeat(n, 1, 1) + value
+        if self.site == "mlp_out":
+            return self.c("resid_mid", layer)[:, s].repeat(n, 1, 1) + value
+        return value
 
     def attend(self, layer: int, x: Tensor, start: int, edit: Tensor | None = None) -> Tensor:
         """Block ``layer``'s attention half (a parallel block: all of it) on positions ``start..`` of ``x``'s copies, over

@@ -1,0 +1,51 @@
+"""Sparse autoencoders: load SAELens SAEs, splice them into a model, read their features
+as directions, attribute and patch them.
+
+The package, one idea per module:
+
+- ``config``: :class:`SAEConfig` (SAELens' ``cfg.json``, checked field by field) and
+  :class:`SAEError`;
+- ``module``: :class:`SAE`, the module and its splice (``with model.saes([sae]):``);
+- ``sites``: where an SAE can be spliced (from ``resid.core.names``' table of sites);
+- ``features``: :class:`Feature`, a feature as a read and a write direction;
+- ``files``: :func:`load` and :func:`save` in SAELens' format, local or from the hub;
+- ``circuits``: direct feature attribution, :func:`attribute_features`,
+  :func:`patch_features` and :func:`feature_circuit`.
+
+>>> sae = resid.sae.load("path/to/sae")          # cfg.json + sae_weights.safetensors
+>>> with model.saes([sae]):
+...     logits, cache = model.run_with_cache(tokens)
+>>> f = sae.feature(12)
+>>> f.read.shape, f.write.shape                  # [d_in], [d_in]
+>>> f.activation(cache)                          # [batch, pos]
+>>> f.logit_effect(k=5, model=model)             # tokens its write vector raises and lowers
+>>> sae.logit_attribution(cache, (" Mary", " John")).top(5, pos=-1)
+"""
+
+from resid.sae.circuits import (
+    FeatureCircuit,
+    attribute_features,
+    direct_feature_attribution,
+    feature_circuit,
+    patch_features,
+)
+from resid.sae.config import SAEConfig, SAEError
+from resid.sae.features import Feature
+from resid.sae.files import load, save
+from resid.sae.module import SAE
+from resid.sae.sites import site_width
+
+__all__ = [
+    "SAE",
+    "Feature",
+    "FeatureCircuit",
+    "SAEConfig",
+    "SAEError",
+    "attribute_features",
+    "direct_feature_attribution",
+    "feature_circuit",
+    "load",
+    "patch_features",
+    "save",
+    "site_width",
+]
