@@ -27,7 +27,8 @@ class Config:
     layer_norm_eps: float = 1e-5
     act_fn: Literal["gelu_new", "gelu", "silu", "relu"] = "gelu_new"  # GPT-2's tanh GELU
     # ---- the architectural choices; the defaults are GPT-2's ----
-    normalization: Literal["LN", "RMS"] = "LN"  # LayerNorm, or RMSNorm (Llama)
+    # LayerNorm, RMSNorm (Llama), or either with its gain folded away (resid.process_weights)
+    normalization: Literal["LN", "RMS", "LNPre", "RMSPre"] = "LN"
     positional: Literal["learned", "rotary"] = "learned"
     rotary_dim: int | None = None  # rotated dims of each head (None: all; Pythia: 25 %)
     rotary_base: float = 10000.0  # θ
@@ -43,6 +44,8 @@ class Config:
     tie_embeddings: bool = True  # W_U = W_E.T
     unembed_bias: bool = False
     architecture: str = "gpt2"  # the family it was loaded as (informational)
+    # the weight processing applied (resid.process_weights), in order; () for exact weights
+    processing: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx"):
@@ -88,8 +91,17 @@ class Config:
         return self.d_head if self.rotary_dim is None else self.rotary_dim
 
     def _check_choices(self) -> None:
-        if self.normalization not in ("LN", "RMS"):
-            raise ValueError(f"normalization must be 'LN' or 'RMS', not {self.normalization!r}")
+        if self.normalization not in ("LN", "RMS", "LNPre", "RMSPre"):
+            raise ValueError(
+                "normalization must be 'LN', 'RMS', 'LNPre' or 'RMSPre' (the last two: no "
+                f"gain or bias, as resid.process_weights leaves them), not {self.normalization!r}"
+            )
+        steps = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                 "refactor_factored_attn_matrices")  # fmt: skip
+        if not isinstance(self.processing, tuple) or not set(self.processing) <= set(steps):
+            raise ValueError(
+                f"processing lists steps of resid.process_weights {steps}, not {self.processing!r}"
+            )
         if self.positional not in ("learned", "rotary"):
             raise ValueError(f"positional must be 'learned' or 'rotary', not {self.positional!r}")
         if self.positional == "rotary":

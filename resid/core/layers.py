@@ -179,9 +179,51 @@ class RMSNorm(_Norm):
         return self.w.to(x) * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
+class _Pre:
+    """A norm whose gain and bias were folded into the weights that read it
+    (``resid.process_weights``; TransformerLens' ``LNPre`` / ``RMSPre``): it only
+    normalises. ``w`` (ones) and ``b`` (zeros) are constant buffers, not parameters, so
+    code written for a gained norm reads the identity it now is."""
+
+    def _unit(self, cfg: Config, bias: bool) -> None:
+        del self.w  # the parameter _Norm made: there is no gain to learn
+        self.register_buffer("w", torch.ones(cfg.d_model), persistent=False)
+        if bias:
+            self.register_buffer("b", torch.zeros(cfg.d_model), persistent=False)
+
+    def gain(self, normalized: Tensor) -> Tensor:
+        return normalized
+
+
+class LNPre(_Pre, LayerNorm):
+    """``(x - mean) / scale``: LayerNorm without gain or bias."""
+
+    def __init__(self, cfg: Config):
+        _Norm.__init__(self, cfg)
+        self._unit(cfg, bias=True)
+
+    def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """This norm with no hook points, in ``x``'s dtype."""
+        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+
+
+class RMSPre(_Pre, RMSNorm):
+    """``x / scale``: RMSNorm without gain (the scale in fp32)."""
+
+    def __init__(self, cfg: Config):
+        RMSNorm.__init__(self, cfg)
+        self._unit(cfg, bias=False)
+
+    def plain(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """This norm with no hook points, in ``x``'s dtype (the scale in fp32)."""
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
 def norm(cfg: Config) -> LayerNorm | RMSNorm:
     """The normalisation ``cfg`` names."""
-    return RMSNorm(cfg) if cfg.normalization == "RMS" else LayerNorm(cfg)
+    kinds = {"LN": LayerNorm, "RMS": RMSNorm, "LNPre": LNPre, "RMSPre": RMSPre}
+    return kinds[cfg.normalization](cfg)
 
 
 class Attention(nn.Module):
