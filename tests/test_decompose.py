@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from test_transformer_lens import bridge_for
 
-from resid.analysis.decompose import decomposition_hooks
+from resid.core.decompose import decomposition_hooks
 
 SITES = [(layer, where) for layer in range(2) for where in ("pre", "mid", "post")] + [
     (None, "final")

@@ -1,2 +1,4 @@
-"""Reading a run: decompositions, lenses and attribution, circuits, detectors. Built on
-``resid.core`` only."""
+"""Reading a model and its runs: circuits (composition and copying scores) and detectors
+(previous-token, induction, duplicate-token and BOS heads). Built on ``resid.core`` only.
+(Decomposition, the logit lens and attribution moved into the core with the cache whose
+methods they are: ``resid.core.decompose``, ``resid.core.lens``.)"""

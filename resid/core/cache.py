@@ -1,33 +1,50 @@
-"""ActivationCache: what ``run_with_cache`` kept, by hook name, and nothing else.
+"""ActivationCache: what ``run_with_cache`` kept, by hook name, and the readings of the
+residual stream it allows, as methods with TransformerLens' names: ``stream``,
+``head_results``, ``decompose_resid``, ``accumulated_resid``, ``logit_lens``,
+``logit_attribution``.
+
+There is one cache class. ``run_with_cache`` hands out this one, and one a user builds
+from tensors (``ActivationCache({name: tensor}, model)``) has every method too: the
+maths lives in ``resid.core.decompose`` and ``resid.core.lens``, which read any cache
+through the ``CacheLike`` protocol.
 
 >>> logits, cache = model.run_with_cache("Hello world")
 >>> cache["blocks.0.hook_resid_pre"].shape
 torch.Size([1, 3, 768])
+>>> cache.decompose_resid(1, "mid").labels[:3]
+['embed', 'pos_embed', 'L0H0']
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from einops import einsum
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from resid.core.decompose import contributions
 from resid.core.hooks import unknown_hook_error
+from resid.core.labelled import Labelled
+from resid.core.lens import accumulated_resid, logit_attribution, logit_lens
 from resid.core.names import act_name, locate
+from resid.core.protocols import ModelLike
 from resid.core.stream import ResidualStream
-
-if TYPE_CHECKING:
-    from resid.core.model import Model
 
 
 class ActivationCache(Mapping[str, Tensor]):
+    """Activations by hook name (only those asked for), the model that made them and the
+    run's attention mask (``True`` at real tokens; ``None`` when nothing is padding).
+
+    >>> cache = ActivationCache({"blocks.0.hook_resid_pre": x}, model)
+    >>> cache.stream(0, "pre").query(direction)      # [batch, pos]
+    """
+
     def __init__(
         self,
-        store: dict[str, Tensor],
-        model: Model,
+        store: Mapping[str, Tensor],
+        model: ModelLike,
         attention_mask: Bool[Tensor, "batch pos"] | None = None,
     ):
         self._store = store
@@ -106,3 +123,71 @@ class ActivationCache(Mapping[str, Tensor]):
                 f"{needed_for} needs hooks this cache lacks: {shown}. Cache them with "
                 f"run_with_cache(..., names_filter={fix})"
             )
+
+    # ---- readings of the stream (resid.core.decompose, resid.core.lens) ---------------
+
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        where: str = "pre",
+        heads: bool = True,
+        per_neuron: bool | list[int] = False,
+        mask_padding: bool = False,
+    ) -> Labelled:
+        """The named parts that sum to the stream at ``(layer, where)`` (``None``: final):
+        ``embed``, ``pos_embed``, each head ``L{l}H{h}`` (``z @ W_O``), each attention bias
+        ``L{l}.b_O``, each MLP ``L{l}.mlp`` -- or, for the layers in ``per_neuron`` (``True``:
+        all), each neuron ``L{l}N{i}`` and ``L{l}.b_out``. ``heads=False`` keeps each
+        attention layer whole (``L{l}.attn``). ``components`` is
+        ``[component, batch, pos, d_model]``; see ``resid.core.decompose``.
+
+        >>> parts = cache.decompose_resid(3, "mid")
+        >>> parts["L2H5"].shape                          # [batch, pos, d_model]
+        """
+        parts = contributions(self, layer, where, heads=heads, per_neuron=per_neuron)
+        return self._masked(parts, mask_padding)
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        return_labels: bool = False,
+    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+        """Each layer's ``resid_pre`` up to ``layer``, then the final stream (TransformerLens'
+        meaning); ``apply_ln`` recomputes ``ln_final`` on each. See ``resid.core.lens``."""
+        return accumulated_resid(self, layer, incl_mid, apply_ln, return_labels)
+
+    def logit_lens(
+        self, layer: int | None = None, return_labels: bool = False
+    ) -> Float[Tensor, "component batch pos d_vocab"] | tuple[Tensor, list[str]]:
+        """``ln_final(stream) @ W_U`` for each accumulated stream, ``ln_final`` recomputed on
+        each; the last entry equals the model's logits. See ``resid.core.lens``."""
+        return logit_lens(self, layer, return_labels)
+
+    def logit_attribution(
+        self,
+        target: int | str | tuple | Tensor,
+        heads: bool = True,
+        per_neuron: bool | list[int] = False,
+        mask_padding: bool = False,
+    ) -> Labelled:
+        """Direct logit attribution of every part of the final stream to a token, a logit
+        difference ``(a, b)``, or a direction -- ``[component, batch, pos]`` with the last part
+        ``"ln_final.b"``; the parts sum to the logit (difference). See ``resid.core.lens``.
+        ``mask_padding=True`` zeroes every part at padding positions (as does
+        ``decompose_resid``'s), so sums and rankings over positions see real tokens only.
+
+        >>> cache.logit_attribution((" Mary", " John")).top(5, pos=-1)
+        """
+        parts = logit_attribution(self, target, heads=heads, per_neuron=per_neuron)
+        return self._masked(parts, mask_padding)
+
+    def _masked(self, parts: Labelled, mask_padding: bool) -> Labelled:
+        """``parts`` with every padding position zeroed, when asked and there is padding."""
+        if not mask_padding or self.attention_mask is None:
+            return parts
+        real = self.attention_mask.to(parts.values.device)  # [batch, pos]
+        shape = (1, *real.shape) + (1,) * (parts.values.dim() - 3)
+        values = parts.values * real.view(shape).to(parts.values.dtype)
+        return Labelled(values, parts.axes, parts.names, parts.site, parts.baseline)

@@ -19,16 +19,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from resid.core.inputs import Input, Inputs
 from resid.core.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from resid.core.model import Input, Model
+from resid.core.protocols import ModelLike
 
 
 def next_token_distribution(
@@ -61,7 +59,7 @@ def next_token_distribution(
 
 
 def _check_args(
-    model: Model,
+    model: ModelLike,
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
@@ -93,13 +91,19 @@ def _check_args(
         raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
 
 
-def _eos_id(model: Model, stop_at_eos: bool, eos_token_id: int | None) -> int | None:
-    if not stop_at_eos:
+def _eos_id(model: ModelLike, stop_at_eos: bool | None, eos_token_id: int | None) -> int | None:
+    """The id generation stops at: ``eos_token_id``, else the tokenizer's EOS; ``None``
+    with ``stop_at_eos=False``, or by default (``None``) for a model with no tokenizer."""
+    if stop_at_eos is not None and not isinstance(stop_at_eos, bool):
+        raise TypeError(f"stop_at_eos must be True, False or None, not {stop_at_eos!r}")
+    if stop_at_eos is False:
         return None
     if eos_token_id is None:
         try:
             eos_token_id = model.tokenizer.eos_token_id
         except ValueError as e:
+            if stop_at_eos is None:  # the default: nothing says which token ends a text
+                return None
             raise ValueError(f"{e}; or pass eos_token_id= to generate") from None
     if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, numbers.Integral):
         raise TypeError(f"eos_token_id must be an int, not {type(eos_token_id).__name__}")
@@ -110,7 +114,7 @@ def _eos_id(model: Model, stop_at_eos: bool, eos_token_id: int | None) -> int | 
     return int(eos_token_id)
 
 
-def _pad_id(model: Model, eos: int) -> int:
+def _pad_id(model: ModelLike, eos: int) -> int:
     """What finished rows get: the tokenizer's pad token (GPT-2's is its EOS), else EOS."""
     try:
         return model.tokenizer.pad_token_id
@@ -119,7 +123,7 @@ def _pad_id(model: Model, eos: int) -> int:
 
 
 def left_padded(
-    model: Model, input: Input, attention_mask: Tensor | None = None
+    model: ModelLike, input: Input, attention_mask: Tensor | None = None
 ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"] | None]:
     """The prompts as token ids with every row's real tokens at the right end, and their
     mask (``None`` when nothing is padding). Strings are tokenized with BOS and padded on
@@ -146,14 +150,14 @@ def left_padded(
 
 @torch.inference_mode()
 def stream(
-    model: Model,
+    model: ModelLike,
     input: Input,
     max_new_tokens: int = 20,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_at_eos: bool = False,
+    stop_at_eos: bool | None = None,
     eos_token_id: int | None = None,
     attention_mask: Tensor | None = None,
     use_kv_cache: bool = True,
@@ -183,7 +187,7 @@ def stream(
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     pad = None if eos is None else _pad_id(model, eos)
     cache = KVCache(model) if use_kv_cache else None
-    logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    logits = model(Inputs(tokens, mask), past_kv_cache=cache)[:, -1]  # checked once, above
     for step in range(max_new_tokens):
         if _logits is not None:
             _logits.append(logits.clone())
@@ -199,24 +203,24 @@ def stream(
         if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
             return
         if cache is not None:
-            logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
+            logits = model(Inputs(nxt[:, None], None), past_kv_cache=cache)[:, -1]  # ids < d_vocab
         else:
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            logits = model(tokens, attention_mask=mask)[:, -1]
+            logits = model(Inputs(tokens, mask))[:, -1]
 
 
 @torch.inference_mode()
 def generate(
-    model: Model,
+    model: ModelLike,
     input: Input,
     max_new_tokens: int = 20,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_at_eos: bool = False,
+    stop_at_eos: bool | None = None,
     eos_token_id: int | None = None,
     attention_mask: Tensor | None = None,
     use_kv_cache: bool = True,
@@ -242,10 +246,13 @@ def generate(
       otherwise tokens are sampled from ``next_token_distribution(logits, temperature,
       top_k, top_p)``. ``seed`` makes sampling repeatable (its own generator: the global
       RNG is untouched).
-    - ``stop_at_eos=True``: a row that emits ``eos_token_id`` (default the tokenizer's
-      ``<|endoftext|>``) is finished, and gets the pad token (GPT-2's is ``<|endoftext|>``;
-      EOS for a model without a tokenizer) from then on, as in Hugging Face's ``generate``;
-      generation stops early once every row is finished.
+    - Generation stops at the end-of-sequence token by default, as in Hugging Face's and
+      TransformerLens' ``generate``: a row that emits ``eos_token_id`` (default the
+      tokenizer's: GPT-2's ``<|endoftext|>``, SmolLM2's ``<|im_end|>``) is finished, and
+      gets the pad token (EOS for a model without a tokenizer) from then on; generation
+      stops early once every row is finished. ``stop_at_eos=False`` always generates
+      ``max_new_tokens``; the default (``None``) does not stop for a model with neither a
+      tokenizer nor ``eos_token_id``, where ``stop_at_eos=True`` raises.
     - The prompt (padding included) plus ``max_new_tokens`` must fit in ``n_ctx``: with a KV
       cache the window is never slid, so a longer request is refused.
 
@@ -291,7 +298,8 @@ def generate(
             cont = row[width:]
             if eos is not None and eos in cont:
                 cont = cont[: cont.index(eos)]
-            texts.append(model.tokenizer.decode(prompt[1:] + cont))
+            bos = 1 if model.tokenizer.add_bos_token else 0  # to_tokens put BOS first
+            texts.append(model.tokenizer.decode(prompt[bos:] + cont))
         out = texts[0] if isinstance(input, str) else texts
     if not return_logits:
         return out

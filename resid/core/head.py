@@ -25,17 +25,14 @@ LayerNorm and biases, as TransformerLens' full circuits do.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from resid.core.factored import FactoredMatrix
-
-if TYPE_CHECKING:
-    from resid.core.cache import ActivationCache
-    from resid.core.model import Model
+from resid.core.names import act_name
+from resid.core.protocols import CacheLike, ModelLike
 
 
 class Head:
@@ -45,7 +42,7 @@ class Head:
     >>> head.W_Q.shape, head.qk, head.full_ov   # [768, 64], rank-64 factored circuits
     """
 
-    def __init__(self, model: Model, layer: int, index: int):
+    def __init__(self, model: ModelLike, layer: int, index: int):
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
         layer, index = operator.index(layer), operator.index(index)  # ints only: no slices
         if not 0 <= layer < n_layers:
@@ -205,6 +202,6 @@ class Head:
 
     # ---- from a run ------------------------------------------------------------------
 
-    def pattern(self, cache: ActivationCache) -> Float[Tensor, "batch query_pos key_pos"]:
+    def pattern(self, cache: CacheLike) -> Float[Tensor, "batch query_pos key_pos"]:
         """This head's attention pattern in a cached run (cache ``attn.hook_pattern``)."""
-        return cache[f"blocks.{self.layer}.attn.hook_pattern"][:, self.index]
+        return cache[act_name("pattern", self.layer)][:, self.index]

@@ -11,29 +11,25 @@ Hooks fire on every forward, each seeing only that forward's new positions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
 from resid.core.layers import KVStore
-
-if TYPE_CHECKING:
-    from resid.core.model import Model
+from resid.core.protocols import ModelLike
 
 
 class KVCache:
     """Keys and values ``[batch, pos, head, d_head]`` per layer, and which of the cached
     positions are real tokens (``mask``; ``None`` while none is padding)."""
 
-    def __init__(self, model: Model, batch: int | None = None):
+    def __init__(self, model: ModelLike, batch: int | None = None):
         self.layers = [KVStore() for _ in range(model.cfg.n_layers)]
         self.n_layers, self.batch = model.cfg.n_layers, batch
         self.length = 0
         self.mask: Bool[Tensor, "batch pos"] | None = None
 
-    def check(self, model: Model, batch: int) -> None:
+    def check(self, model: ModelLike, batch: int) -> None:
         if len(self.layers) != model.cfg.n_layers:
             raise ValueError(
                 f"this KVCache has {len(self.layers)} layers, the model {model.cfg.n_layers}: "

@@ -16,18 +16,16 @@ For neuron ``i`` of layer ``l``, on the stream entering the MLP (``resid_mid``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.core.cache import ActivationCache
+from resid.core.names import act_name
+from resid.core.protocols import CacheLike, ModelLike
 from resid.core.stream import ResidualStream, State
-
-if TYPE_CHECKING:
-    from resid.core.model import Model
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class LogitEffect:
 class Neuron:
     """MLP neuron ``index`` of ``layer``; get one with ``model.neuron(layer, index)``."""
 
-    def __init__(self, model: Model, layer: int, index: int):
+    def __init__(self, model: ModelLike, layer: int, index: int):
         n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
         if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
             raise ValueError(f"layer must be in [0, {n_layers}), not {layer!r}")
@@ -90,14 +88,14 @@ class Neuron:
     def site(self) -> str:
         """The stream it reads (through ``ln2``): ``blocks.{layer}.hook_resid_mid``, or
         ``hook_resid_pre`` in a parallel block (GPT-NeoX), whose MLP reads that."""
-        return f"blocks.{self.layer}.hook_resid_{self._where}"
+        return act_name(f"resid_{self._where}", self.layer)
 
     @property
     def _where(self) -> str:
         return "pre" if self._block.parallel else "mid"
 
-    def _resid_mid(self, x: ResidualStream | State | ActivationCache | Tensor) -> Tensor:
-        if isinstance(x, ActivationCache):
+    def _resid_mid(self, x: ResidualStream | State | CacheLike | Tensor) -> Tensor:
+        if isinstance(x, Mapping):  # a cache (resid's, or any mapping of hook names)
             return x[self.site]
         if isinstance(x, (ResidualStream, State)):
             if x.site != self.site or getattr(x, "where", self._where) != self._where:
@@ -117,7 +115,7 @@ class Neuron:
         )
 
     def activation(
-        self, x: ResidualStream | State | ActivationCache | Float[Tensor, "... d_model"]
+        self, x: ResidualStream | State | CacheLike | Float[Tensor, "... d_model"]
     ) -> Float[Tensor, "..."] | float:
         """GELU(ln2(resid_mid) · read + bias): the neuron's activation at every state of
         ``blocks.{layer}.hook_resid_mid``, given as a stream (``[batch, pos]`` out), a State
@@ -137,7 +135,7 @@ class Neuron:
         return out.item() if out.dim() == 0 else out
 
     def output(
-        self, x: ResidualStream | State | ActivationCache | Tensor
+        self, x: ResidualStream | State | CacheLike | Tensor
     ) -> Float[Tensor, "... d_model"]:
         """What the neuron adds to the stream: ``activation(x) * write``."""
         act = torch.as_tensor(self.activation(x))
@@ -146,24 +144,38 @@ class Neuron:
     def logit_effect(self, k: int = 10, through_ln: bool = False) -> LogitEffect:
         """``write @ W_U`` with the ``k`` tokens raised and lowered most, as strings.
 
-        ``through_ln=True`` centres ``write`` and multiplies by ``ln_final``'s gain first:
-        the direction the write actually moves the logits through the final LayerNorm
-        (up to its positive per-position scale)."""
-        with torch.no_grad():
-            v = self.write.detach()
-            if through_ln:
-                if self.model.cfg.normalization == "LN":
-                    v = v - v.mean()
-                v = v * self.model.ln_final.w.detach()
-            logits = v @ self.model.W_U.detach()
-            k = min(k, logits.shape[0])
-            up, down = logits.topk(k), logits.topk(k, largest=False)
-        decode = self.model.tokenizer.decode_each
-        return LogitEffect(
-            logits,
-            list(zip(decode(up.indices.tolist()), up.values.tolist(), strict=True)),
-            list(zip(decode(down.indices.tolist()), down.values.tolist(), strict=True)),
-        )
+        ``through_ln=True`` sends ``write`` through ``ln_final`` first (centred where the
+        norm centres, times its gain): the direction the write actually moves the logits
+        (up to the norm's positive per-position scale)."""
+        return write_logit_effect(self.model, self.write, k, through_ln)
 
     def __repr__(self) -> str:
         return f"Neuron(layer={self.layer}, index={self.index})"
+
+
+def write_logit_effect(
+    model: ModelLike, write: Float[Tensor, " d_model"], k: int = 10, through_ln: bool = False
+) -> LogitEffect:
+    """The logit effect of any write vector (a neuron's, an SAE feature's): ``write @ W_U``
+    (``through_ln``: ``ln_final.centre(write) * w @ W_U``, following the model's norm), and
+    the ``k`` tokens raised and lowered most, shown by the model's tokenizer (``<id>`` for
+    a model that has none).
+
+    >>> write_logit_effect(model, model.neuron(3, 7).write, k=5)
+    """
+    with torch.no_grad():
+        v = write.detach().to(model.W_U)
+        if through_ln:
+            v = model.ln_final.centre(v) * model.ln_final.w.detach().to(v)
+        logits = v @ model.W_U.detach()
+        k = min(k, logits.shape[0])
+        up, down = logits.topk(k), logits.topk(k, largest=False)
+    try:
+        decode = model.tokenizer.decode_each
+    except ValueError:  # a vocabulary with no tokenizer: show the ids
+        decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
+    return LogitEffect(
+        logits,
+        list(zip(decode(up.indices.tolist()), up.values.tolist(), strict=True)),
+        list(zip(decode(down.indices.tolist()), down.values.tolist(), strict=True)),
+    )

@@ -27,10 +27,8 @@ To edit the stream during a run (activation addition, steering), attach :func:`a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -38,12 +36,8 @@ from torch import Tensor
 
 from resid.core.hooks import HookFn, HookPoint
 from resid.core.labelled import Labelled
-from resid.core.names import Where
-
-if TYPE_CHECKING:
-    from resid.core.cache import ActivationCache
-
-_SITE = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|mid|post)")
+from resid.core.names import Where, stream_site
+from resid.core.protocols import CacheLike
 
 
 def _direction(v: Tensor, d_model: int, what: str) -> Tensor:
@@ -160,11 +154,11 @@ class ResidualStream:
         site: str,
         *,
         where: Where | None = None,
-        cache: ActivationCache | None = None,
+        cache: CacheLike | None = None,
         updates: tuple[tuple[str, Tensor], ...] = (),
     ):
-        match = _SITE.fullmatch(site) if isinstance(site, str) else None
-        if match is None:
+        found = stream_site(site) if isinstance(site, str) else None
+        if found is None:
             raise ValueError(
                 f"site must name a residual stream hook, 'blocks.{{l}}.hook_resid_pre|mid|post', "
                 f"not {site!r}"
@@ -174,8 +168,8 @@ class ResidualStream:
             raise ValueError(f"a residual stream is [batch, pos, d_model], got {got}")
         self.tensor = tensor
         self.site = site
-        self.layer = int(match[1])
-        self.where: Where = match[2]
+        self.layer = found.layer
+        self.where: Where = found.where
         if where == "final":
             if self.where != "post":
                 raise ValueError(f"the final stream is a hook_resid_post, not {site}")

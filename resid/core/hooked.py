@@ -1,0 +1,222 @@
+"""Running a model with something attached: hooks, a cache of activations, spliced SAEs.
+
+Everything here is one forward of the model's own (``Model.forward``) with hook functions
+attached for its length, in the caller's thread or task only, and removed afterwards by
+identity, even when the forward raises (see ``resid.core.hooks``). :class:`Hooked` is the
+part of ``resid.Model`` that does it; the rest of the model lives in ``resid.core.model``
+(the forward pass) and ``resid.core.weights`` (views of the weights).
+
+>>> with model.hooks([("blocks.6.hook_resid_pre", steer)]):
+...     logits = model("I think that")
+>>> logits, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre"])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+from torch import Tensor
+
+from resid.core import hooks
+from resid.core.cache import ActivationCache
+from resid.core.hooks import HookPoint, Hooks, NameFilter
+from resid.core.inputs import Input, Inputs, prepare
+from resid.core.protocols import Spliceable
+
+_SPLICE_LOCK = threading.Lock()  # hook_dict is replaced, never edited, under this lock
+
+
+class Hooked:
+    """Hooks, caching and splicing for ``resid.Model`` (a mixin: it reads the model's
+    ``hook_dict`` and calls its forward)."""
+
+    hook_dict: dict[str, HookPoint]
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Hooks = (), bwd_hooks: Hooks = ()) -> Iterator[Hooked]:
+        """Attach ``(name_or_filter, fn)`` hooks for the length of a ``with`` block, in this
+        thread or task only.
+
+        >>> steer = lambda resid, hook: resid + 4 * direction
+        >>> with model.hooks([("blocks.6.hook_resid_pre", steer)]):
+        ...     logits = model("I think that")
+        """
+        with hooks.attached(self.hook_dict, fwd_hooks, bwd_hooks):
+            yield self
+
+    def attached_hooks(self) -> list[str]:
+        """The sites with hooks attached in the caller's context (by an enclosing
+        ``with model.hooks(...)``)."""
+        return hooks.any_attached(self.hook_dict.values())
+
+    @contextmanager
+    def saes(
+        self, modules: Spliceable | Iterable[Spliceable], use_error_term: bool = True
+    ) -> Iterator[Hooked]:
+        """Splice SAEs in for the length of a ``with`` block, in this thread or task only:
+        each replaces the activation at its hook site with its reconstruction, plus the
+        error term (activation - reconstruction) unless ``use_error_term=False``, so by
+        default the logits do not change. While spliced, each SAE's hook points are sites
+        like any other (``blocks.6.hook_resid_pre.sae.hook_acts``): hooks, the cache,
+        patching and attribution address them by name. Every SAE is checked against the
+        model before anything is attached; on exit (even on error) nothing stays spliced.
+
+        Hooks attached to the SAE's site *outside* this block run before the SAE (they see
+        and may edit what it encodes); hooks attached inside run after it.
+
+        >>> with model.saes([sae]):
+        ...     logits, cache = model.run_with_cache(tokens)
+        >>> cache["blocks.6.hook_resid_pre.sae.hook_acts"].shape   # [batch, pos, d_sae]
+        """
+        modules = [modules] if isinstance(modules, Spliceable) else list(modules)
+        points: dict[str, HookPoint] = {}
+        fwd = []
+        for m in modules:
+            if not isinstance(m, Spliceable):
+                raise TypeError(f"model.saes takes SAEs (resid.sae.SAE), not {type(m).__name__}")
+            site = m.hook_name
+            if site not in self.hook_dict:
+                err = hooks.unknown_hook_error(site, self.hook_dict)
+                raise KeyError(
+                    f"{m!r} is for the site '{site}', which this model lacks: {err.args[0]}"
+                )
+            m.check_fits(self)
+            for suffix, hp in m.hook_points().items():
+                name = f"{site}.{suffix}"
+                if name in self.hook_dict or name in points:
+                    raise ValueError(
+                        f"'{name}' is already spliced: splice one SAE per site at a time"
+                    )
+                points[name] = hp
+            fwd.append((site, m.splice_hook(use_error_term)))
+        with ExitStack() as stack:
+            stack.enter_context(self._extra_hook_points(points))
+            stack.enter_context(hooks.attached(self.hook_dict, fwd))
+            yield self
+
+    def run_with_saes(
+        self,
+        input: Input,
+        saes: Spliceable | Iterable[Spliceable],
+        use_error_term: bool = True,
+        **forward_kwargs,
+    ):
+        """One forward with ``saes`` spliced in (see ``saes``); as SAELens'
+        ``HookedSAETransformer.run_with_saes``, but keeping the error term by default.
+
+        >>> logits = model.run_with_saes(tokens, [sae], use_error_term=False)
+        """
+        with self.saes(saes, use_error_term):
+            return self(input, **forward_kwargs)
+
+    @contextmanager
+    def _extra_hook_points(self, points: Mapping[str, HookPoint]) -> Iterator[None]:
+        """Address ``points`` by name in ``hook_dict`` for the block, then remove exactly
+        them (by identity). The dict is replaced, not edited, so a reader never sees it
+        change mid-iteration."""
+        with _SPLICE_LOCK:
+            for name, hp in points.items():
+                hp.name = name
+            self.hook_dict = {**self.hook_dict, **points}
+        try:
+            yield
+        finally:
+            with _SPLICE_LOCK:
+                ours = {id(hp) for hp in points.values()}
+                self.hook_dict = {n: hp for n, hp in self.hook_dict.items() if id(hp) not in ours}
+
+    def run_with_hooks(
+        self,
+        input: Input,
+        fwd_hooks: Hooks = (),
+        bwd_hooks: Hooks = (),
+        **forward_kwargs,
+    ):
+        """One forward with hooks attached; they are removed afterwards, even on error.
+        Backward hooks stay with the graph of this forward: call ``.backward()`` on its
+        output afterwards and they run.
+
+        >>> loss = model.run_with_hooks(tokens, return_type="loss",
+        ...                             bwd_hooks=[("blocks.0.hook_resid_post", show)])
+        >>> loss.backward()
+        """
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(input, **forward_kwargs)
+
+    def run_with_cache(
+        self,
+        input: Input | Inputs,
+        names_filter: str | list[str] | NameFilter | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        incl_bwd: bool = False,
+        **forward_kwargs,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Forward, keeping the activations at the sites ``names_filter`` picks.
+
+        ``None`` caches every site except the per-head ``attn.hook_result`` (name it, or
+        pass a filter, to get it). The output is exactly ``model(input)``'s: what is
+        cached is computed beside the forward pass. ``device`` and ``dtype`` say where and
+        how the cache keeps its tensors (patterns and scales are fp32 unless ``dtype`` is
+        given). With padding, ``cache.attention_mask`` marks the real tokens; activations at
+        padding positions are left as computed, and resid's statistics exclude them.
+        ``incl_bwd=True`` also calls ``backward()`` on the output (which must be a
+        scalar, e.g. ``return_type="loss"``) and caches each site's gradient as
+        ``"{name}_grad"``, as TransformerLens does.
+
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre"])
+        """
+        device = _check_device(device)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"run_with_cache keeps activations in a float dtype, not {dtype!r}")
+        if names_filter is None:
+            names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
+        store: dict[str, Tensor] = {}
+
+        def keep(name: str, t: Tensor) -> None:
+            store[name] = t.detach().to(device=device or t.device, dtype=dtype or t.dtype)
+
+        def save(act: Tensor, hook: HookPoint) -> None:
+            keep(hook.name, act)
+
+        def save_grad(grad: Tensor, hook: HookPoint) -> None:
+            keep(f"{hook.name}_grad", grad)
+
+        selected = [(hp.name, save) for hp in hooks.resolve(self.hook_dict, names_filter)]
+        bwd = [(name, save_grad) for name, _ in selected] if incl_bwd else []
+        mask = None
+        if forward_kwargs.get("start_at_layer") is None:  # prepared once, here
+            input = prepare(
+                self,
+                input,
+                forward_kwargs.pop("attention_mask", None),
+                forward_kwargs.pop("padding_side", None),
+            )
+            mask = input.mask
+        with torch.enable_grad() if incl_bwd else nullcontext(), self.hooks(selected, bwd):
+            out = self(input, **forward_kwargs)
+            if incl_bwd:
+                if out.dim() != 0:
+                    raise ValueError(
+                        "incl_bwd=True calls backward() on the output, which must be a scalar: "
+                        "pass return_type='loss'"
+                    )
+                out.backward()
+        return out, ActivationCache(store, self, attention_mask=mask)
+
+
+def _check_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"run_with_cache: {device!r} is not a device ({e})") from None
+    if device.type == "meta":
+        raise ValueError(
+            "run_with_cache cannot keep activations on the meta device: it holds no data"
+        )
+    return device
