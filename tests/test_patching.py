@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 
+import resid
 from resid import metrics
 from resid.interventions.patching import (
     Sweep,
@@ -273,7 +274,8 @@ def path_patch_by_hand(
         a = a.clone()
         for layer, head in receivers:
             if hook.name.startswith(f"blocks.{layer}."):
-                a[:, :, head] = saved[hook.name][:, :, head]
+                h = head * a.shape[2] // model.cfg.n_heads  # grouped k/v: the query's kv head
+                a[:, :, h] = saved[hook.name][:, :, h]
         return a
 
     return metric(model.run_with_hooks(corrupted, fwd_hooks=[(n, put) for n in saved]))
@@ -326,6 +328,33 @@ def test_path_patching_matches_by_hand(
     )
     assert float(several) == pytest.approx(float(expected), abs=1e-5)
     assert no_hooks_left(tiny)
+
+
+@pytest.mark.parametrize("inputs", ["q", "k", "v", "qkv"])
+def test_path_patching_into_grouped_keys_and_values_matches_by_hand(inputs):
+    """Grouped-query attention (4 query heads, 2 key/value heads): a receiver's k/v is the
+    key/value head its group shares."""
+    torch.manual_seed(0)
+    cfg = dict(n_layers=3, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=50, n_ctx=16)
+    model = resid.Model(resid.Config(**cfg, normalization="RMS", positional="rotary",
+                                     gated_mlp=True, n_kv_heads=2, act_fn="silu"))  # fmt: skip
+    with torch.no_grad():  # weights large enough for every path to move the metric
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 50, (3, 6), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, [1, 3]] = torch.randint(0, 50, (3, 2), generator=g)
+    cache = model.run_with_cache(clean)[1]
+    metric = metrics.logit_diff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]), pos=-1)
+    senders, receivers = [(0, 1), (1, 2)], [(2, 1), (2, 3)]
+    got = path_patch(model, corrupted, cache, metric, senders, receivers, inputs)
+    expected = path_patch_by_hand(
+        model, corrupted, cache, metric, senders, receivers, inputs, False
+    )
+    assert float(got) == pytest.approx(float(expected), abs=1e-5)
+    assert abs(float(got) - float(metric(model(corrupted)))) > 1e-3  # the path matters
+    assert no_hooks_left(model)
 
 
 # ---- attribution patching ------------------------------------------------------------------

@@ -82,7 +82,10 @@ def _path_values(
         hooks = []
         for name, act in captured.items():
             layer = int(name.split(".")[1])
-            m = receivers[layer][None, None, :, None]
+            m = receivers[layer]
+            if act.shape[2] != m.shape[0]:  # grouped k/v: a key/value head serves a group of
+                m = m.view(act.shape[2], -1).any(-1)  # consecutive query heads, all receive
+            m = m[None, None, :, None]
             hooks.append((name, lambda a, hook, new=act, m=m: torch.where(m, new, a)))
         with model.hooks(hooks):
             final = model(
@@ -142,7 +145,9 @@ def path_patch(
        With ``receivers="logits"`` the metric is read off step 1 (the direct path).
 
     To measure how much breaking a path hurts the clean run, as in the paper, pass the
-    clean tokens as ``corrupted`` and the corrupted cache as ``clean``.
+    clean tokens as ``corrupted`` and the corrupted cache as ``clean``. With grouped-query
+    attention a receiver's ``k``/``v`` is its key/value head, which the other query heads
+    of its group share: they receive the path too.
 
     >>> path_patch(model, corr, clean_cache, m, senders=[(9, 6), (9, 9)], receivers="logits")
     >>> path_patch(model, corr, clean_cache, m, senders=[(3, 0)], receivers=[(8, 6)], receiver_input="v")
