@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import resid
+from resid import harvest as H
 from resid.core.config import Config
-from resid.io import harvest as H
-from resid.io.corpus import contexts, open_corpus
+from resid.harvest.corpus import contexts, open_corpus
 
 SITE = "blocks.11.mlp.hook_post"
 
@@ -132,8 +132,8 @@ def bench_processes(tmp: Path, text: Path, max_tokens: int, repeats: int) -> dic
 
 RSS = """
 import resource, sys, torch, resid
-from resid.io import harvest as H
-from resid.io.corpus import contexts, open_corpus
+from resid import harvest as H
+from resid.harvest.corpus import contexts, open_corpus
 model = resid.load(sys.argv[1], device="cpu")
 H.harvest(model, sys.argv[2], sys.argv[3], ["blocks.3.mlp.hook_post"], max_tokens=int(sys.argv[4]),
           batch_size=8, k=16, progress=False)

@@ -10,10 +10,10 @@ import chromium
 import pytest
 import torch
 
+import resid.harvest as H
 from resid.cli import main
 from resid.core.files import ForeignFilesError
-from resid.io import harvest as H
-from resid.io.activation_store import ActivationStore
+from resid.harvest import ActivationStore
 from resid.viz.dashboard import write_dashboard
 
 SITE = "blocks.1.mlp.hook_post"

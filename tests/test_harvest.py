@@ -20,8 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 import resid
-from resid.io import harvest as H
-from resid.io.corpus import CorpusError
+import resid.harvest as H
+from resid.harvest import store
+from resid.harvest.corpus import CorpusError
 
 SITES = ["blocks.1.mlp.hook_post", "blocks.0.hook_resid_post"]
 SETTINGS = dict(context_length=24, batch_size=3, shard_batches=2, k=5, window=(3, 2))
@@ -252,7 +253,7 @@ def test_sigkill_then_resume_equals_clean_run(tiny, tiny_dir, corpus, clean, tmp
     for point, commits in enumerate((1, 3)):
         out = tmp_path / f"killed{point}"
         _kill_after([*args, "--out", str(out)], commits, rng.uniform(0, 0.02))
-        assert H._read_manifest(out)["harvest"]["status"] == "running"
+        assert store.read_manifest(out)["harvest"]["status"] == "running"
         with pytest.raises(H.HarvestError, match="--resume"):
             H.harvest(tiny, corpus, out, SITES, activations=True, max_tokens=MAX_TOKENS,
                       progress=False, **SETTINGS)  # fmt: skip

@@ -137,9 +137,10 @@ def inside(folder: str | Path, rel: object, what: str = "a manifest path") -> Pa
     return folder / rel
 
 
-def _open_regular(path: str | Path) -> tuple[int, os.stat_result]:
-    """An fd on ``path`` if it is a regular file (a symlink is not followed, a FIFO or
-    device is not waited on), with its stat."""
+def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
+    """An fd (the caller closes it) on ``path`` if it is a regular file, with its stat: a
+    symlink is not followed, and a FIFO or device is refused without waiting on it
+    (:class:`UnsafePathError`)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -161,18 +162,18 @@ def read_regular(path: str | Path, max_bytes: int) -> bytes:
     >>> read_regular("h/resid-manifest.json", 16 << 20)[:1]
     b'{'
     """
-    fd, st = _open_regular(path)
+    fd, st = open_regular(path)
     try:
         if st.st_size > max_bytes:
             raise UnsafePathError(
                 f"{path} is {st.st_size:,} bytes, more than the {max_bytes:,} resid reads here"
             )
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(min(max_bytes, st.st_size) + 1)
     finally:
         os.close(fd)
-    if len(data) > max_bytes:
-        raise UnsafePathError(f"{path} grew past {max_bytes:,} bytes while being read")
+    if len(data) > min(max_bytes, st.st_size):
+        raise UnsafePathError(f"{path} grew while being read: it is not a finished file")
     return data
 
 
@@ -180,7 +181,7 @@ def sha256(path: str | Path) -> str:
     """SHA-256 (hex) of the regular file ``path``; a symlink, FIFO or device is refused
     (:class:`UnsafePathError`) rather than followed or read forever."""
     digest = hashlib.sha256()
-    fd, st = _open_regular(path)
+    fd, st = open_regular(path)
     with os.fdopen(fd, "rb") as f:
         left = st.st_size
         while left > 0:
@@ -272,8 +273,12 @@ def write_manifest(folder: Path, writer: str) -> None:
     (folder / MANIFEST).write_text(body + "\n", encoding="utf-8")
 
 
-def _entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under ``folder``, symlinks not followed."""
+def entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything under ``folder``, symlinks not followed.
+
+    >>> sorted(rel for rel, st in entries(Path("h")))[:1]
+    ['ranks']
+    """
     stack = [folder]
     while stack:
         here = stack.pop()
@@ -288,17 +293,17 @@ def _entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 def foreign_files(folder: Path, writer: str) -> list[str]:
     """What in ``folder`` resid cannot prove ``writer`` wrote (empty: the folder may go)."""
-    entries = list(_entries(folder))
-    if not entries:
+    found = list(entries(folder))
+    if not found:
         return []
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("writer") != writer:
         why = "no resid manifest" if manifest is None else f"written by {manifest.get('writer')!r}"
-        return [f"{rel} ({why})" if rel == MANIFEST else rel for rel, _ in entries]
+        return [f"{rel} ({why})" if rel == MANIFEST else rel for rel, _ in found]
     listed = manifest["files"]  # checked by read_manifest: relative, no ".."
     dirs = {p for rel in listed for p in Path(rel).parents if str(p) != "."}
     foreign = []
-    for rel, st in entries:
+    for rel, st in found:
         if rel == MANIFEST:
             continue
         if stat.S_ISDIR(st.st_mode):
@@ -311,7 +316,8 @@ def foreign_files(folder: Path, writer: str) -> list[str]:
     return foreign
 
 
-def _describe(names: list[str], limit: int = 8) -> str:
+def describe(names: list[str], limit: int = 8) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -335,7 +341,7 @@ def check_replaceable(out: Path, writer: str, flag: str = "the output path") -> 
     foreign = foreign_files(out, writer)
     if foreign:
         raise ForeignFilesError(
-            f"{out} holds files that {writer} did not write: {_describe(foreign)}. resid only "
+            f"{out} holds files that {writer} did not write: {describe(foreign)}. resid only "
             f"replaces a folder it wrote itself (listed in its {MANIFEST}); move those files, "
             f"or choose another {flag}"
         )
@@ -364,9 +370,9 @@ def remove_owned(folder: Path, writer: str) -> list[str]:
         folder.rmdir()
         return []
     except OSError:
-        left = [rel for rel, _ in _entries(folder)] if folder.is_dir() else []
+        left = [rel for rel, _ in entries(folder)] if folder.is_dir() else []
         warnings.warn(
-            f"left {folder} in place: it holds files resid did not write ({_describe(left)})",
+            f"left {folder} in place: it holds files resid did not write ({describe(left)})",
             stacklevel=3,
         )
         return left

@@ -10,9 +10,12 @@ every unit with its max, mean and density (fraction of tokens active), sortable 
 a column. Everything is in the pages: no script, style or font is fetched, and every
 string from the corpus or the tokenizer is HTML-escaped.
 
-The folder is written whole (``resid.core.files``): to a hidden sibling, with a manifest
-of what was written, then swapped in; an existing folder is replaced only when it holds
-exactly an earlier ``resid dashboard`` output.
+The harvest is read through :mod:`resid.harvest.store` (its manifest checked, every file
+confined to the harvest folder, a regular file of bounded size matching its SHA-256). The
+folder is written whole (``resid.core.files``): to a hidden sibling, with a manifest of what
+was written, then swapped in; an existing folder is replaced only when it holds exactly an
+earlier ``resid dashboard`` output. Each site gets its own subfolder, named after the site
+(made unique when two sites would share a name).
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from resid.core import files
+from resid.core import files, names
 from resid.core.neuron import Neuron
-from resid.interventions.sae import SAE
+from resid.harvest import store
+from resid.harvest.errors import HarvestError
 
 if TYPE_CHECKING:
     from resid.core.model import Model
+    from resid.sae import SAE
 
 WRITER = "resid dashboard"
 MARKER = '<meta name="generator" content="resid dashboard">'
@@ -74,7 +78,24 @@ def _fmt(x: float) -> str:
 
 
 def _slug(site: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", site) or "site"
+    """A folder name for ``site``: letters, digits, ``._-``; never hidden, ``.`` or ``..``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", site).lstrip(".") or "site"
+
+
+def _slugs(sites: Sequence[str]) -> dict[str, str]:
+    """A distinct folder name for each site (``_2``, ``_3``, … where two would collide,
+    compared as a case-insensitive filesystem would)."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for site in sites:
+        base = slug = _slug(site)
+        n = 1
+        while slug.lower() in taken:
+            n += 1
+            slug = f"{base}_{n}"
+        taken.add(slug.lower())
+        out[site] = slug
+    return out
 
 
 def _page(title: str, body: str, script: str = "") -> str:
@@ -172,10 +193,11 @@ def context_html(
 
 
 def _logit_html(model: Model | None, site: str, unit: int) -> str:
-    m = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_(post|pre)", site)
-    if model is None or m is None:
+    p = names.parse(site)
+    neuron = p is not None and not p.suffix and p.site.short in ("pre", "post")
+    if model is None or not neuron or p.layer is None:
         return ""
-    effect = Neuron(model, int(m.group(1)), unit).logit_effect(k=10)
+    effect = Neuron(model, p.layer, unit).logit_effect(k=10)
 
     def rows(pairs):
         return "".join(f"<tr><td>{_show(t)}</td><td>{v:+.3f}</td></tr>" for t, v in pairs)
@@ -242,18 +264,13 @@ def _sae_for(site: str, saes: Sequence[SAE]) -> SAE | None:
 # ---- writing ----------------------------------------------------------------------------
 
 
-def _read(harvest_dir: Path) -> tuple[dict, dict[str, str]]:
-    manifest = files.read_manifest(harvest_dir)
-    if manifest is None or manifest.get("writer") != "resid harvest":
-        raise ValueError(f"{harvest_dir} is not a resid harvest folder (no resid harvest manifest)")
-    info = manifest.get("harvest", {})
-    if info.get("status") != "complete":
-        raise ValueError(
-            f"{harvest_dir} holds an unfinished harvest: finish it with resid harvest --resume"
-        )
-    if not info.get("site_info"):
-        raise ValueError(f"{harvest_dir} has no statistics (it was harvested with --no-stats)")
-    return info, manifest["files"]
+def _read(harvest_dir: Path) -> dict:
+    """The finished harvest's record (checked by :func:`resid.harvest.store.read_harvest`),
+    which must hold statistics."""
+    info = store.read_harvest(harvest_dir)
+    if not info["site_info"]:
+        raise HarvestError(f"{harvest_dir} has no statistics (it was harvested with --no-stats)")
+    return info
 
 
 def check_out(out: str | Path) -> Path:
@@ -282,12 +299,13 @@ def write_dashboard(
     >>> write_dashboard("harvest", "dash", model=resid.load("gpt2"), units="0-99")
     """
     harvest_dir = Path(harvest_dir)
-    info, listed = _read(harvest_dir)
+    info = _read(harvest_dir)
     all_sites = list(info["site_info"])
     if sites is None:
         chosen = all_sites
     else:
         chosen = [s.strip() for s in sites.split(",")] if isinstance(sites, str) else list(sites)
+        chosen = list(dict.fromkeys(chosen))  # a site named twice gets one folder
         missing = [s for s in chosen if s not in info["site_info"]]
         if missing:
             raise ValueError(f"the harvest has no statistics for {missing}; it has {all_sites}")
@@ -298,16 +316,13 @@ def write_dashboard(
     check_out(out)
     n_pages = 0
     index_rows = []
+    slugs = _slugs(chosen)
     with files.replace_folder(out, WRITER, "--out") as tmp:
         for site in chosen:
-            rel = info["site_info"][site]["stats"]
-            path = harvest_dir / rel
-            if listed.get(rel) is None or files.sha256(path) != listed[rel]:
-                raise ValueError(f"{path} is missing or changed since resid harvest wrote it")
-            st = load_file(str(path))
+            st = store.load_stats(harvest_dir, site)
             n_units = st["mean"].shape[0]
             chosen_units = _parse_units(units, n_units)
-            folder = tmp / _slug(site)
+            folder = tmp / slugs[site]
             folder.mkdir()
             ids = sorted(
                 {int(t) for t in st["top_tokens"][chosen_units].unique().tolist() if t >= 0}
@@ -322,7 +337,7 @@ def write_dashboard(
                 (folder / f"{u}.html").write_text(page, encoding="utf-8")
                 n_pages += 1
                 index_rows.append((site, u, st["max"][u].item(), st["mean"][u].item(),
-                                   st["frac_active"][u].item(), f"{_slug(site)}/{u}.html"))  # fmt: skip
+                                   st["frac_active"][u].item(), f"{slugs[site]}/{u}.html"))  # fmt: skip
         (tmp / "index.html").write_text(index_html(info, index_rows), encoding="utf-8")
     return files.target(out), n_pages
 
