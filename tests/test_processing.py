@@ -210,3 +210,66 @@ def test_processed_model_is_faithful_and_caches(tiny):
     centred = x - x.mean(-1, keepdim=True)
     expected = centred / (centred.pow(2).mean(-1, keepdim=True) + tiny.cfg.layer_norm_eps).sqrt()
     torch.testing.assert_close(cache["blocks.1.ln1.hook_normalized"], expected)
+
+
+# ---- SAEs trained on processed weights -----------------------------------------------
+
+
+def sae_with(kwargs: dict | None, flat: bool = False):
+    """An SAE at blocks.1.hook_resid_pre of the tiny model, whose cfg.json states
+    ``model_from_pretrained_kwargs`` as SAELens 6 (in metadata) or earlier (flat) wrote it."""
+    from resid.sae import SAE, SAEConfig
+
+    cfg = {"d_in": 64, "d_sae": 32, "metadata": {"hook_name": "blocks.1.hook_resid_pre"}}
+    if kwargs is not None:
+        (cfg if flat else cfg["metadata"])["model_from_pretrained_kwargs"] = kwargs
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig.from_dict(cfg))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.1)
+    return sae
+
+
+def splice_warnings(model, sae) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), model.saes([sae]):
+            model(TOKENS % model.cfg.d_vocab)
+    return [str(w.message) for w in caught if "trained on a model" in str(w.message)]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_sae_processing_metadata_warns_and_processes_on_request(tiny, tmp_path, flat):
+    import resid.sae as rsae
+
+    tl_defaults = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True}
+    sae = sae_with(tl_defaults, flat=flat)
+    assert rsae.expected_processing(sae.cfg) == tl_defaults
+    # spliced into the exact weights: a warning naming each flag and the fix
+    (message,) = splice_warnings(tiny, sae)
+    assert "fold_ln=True" in message and "processed_for" in message
+    # processed on request: the flags the file states, and then no warning
+    matched = rsae.processed_for(sae, tiny)
+    assert set(matched.cfg.processing) == set(tl_defaults)
+    assert splice_warnings(matched, sae) == []
+    assert rsae.processed_for(sae, matched) is matched
+    # the metadata survives saving and loading in SAELens' format
+    rsae.save(sae, tmp_path / "sae")
+    again = rsae.load(tmp_path / "sae")
+    assert rsae.expected_processing(again.cfg) == tl_defaults
+
+
+def test_sae_processing_metadata_only_what_is_stated(tiny):
+    import resid.sae as rsae
+
+    assert splice_warnings(tiny, sae_with(None)) == []  # nothing stated: nothing to check
+    assert splice_warnings(tiny, sae_with({"center_writing_weights": False})) == []
+    no_centring = sae_with({"center_writing_weights": False})
+    processed = process_weights(tiny)  # has center_writing_weights
+    (message,) = splice_warnings(processed, no_centring)
+    assert "center_writing_weights=False" in message
+    with pytest.raises(rsae.SAEError, match="cannot be undone"):
+        rsae.processed_for(no_centring, processed)
+    with pytest.raises(rsae.SAEError, match="true or false"):
+        rsae.expected_processing(sae_with({"fold_ln": "yes"}).cfg)

@@ -9,6 +9,9 @@ The package, one idea per module:
 - ``sites``: where an SAE can be spliced (from ``resid.core.names``' table of sites);
 - ``features``: :class:`Feature`, a feature as a read and a write direction;
 - ``files``: :func:`load` and :func:`save` in SAELens' format, local or from the hub;
+- ``processing``: the weight processing an SAE's file says its model had
+  (:func:`expected_processing`), a warning when spliced into a model without it, and
+  :func:`processed_for` to process the model to match;
 - ``circuits``: direct feature attribution, :func:`attribute_features`,
   :func:`patch_features` and :func:`feature_circuit`.
 
@@ -33,6 +36,7 @@ from resid.sae.config import SAEConfig, SAEError
 from resid.sae.features import Feature
 from resid.sae.files import load, save
 from resid.sae.module import SAE
+from resid.sae.processing import expected_processing, processed_for
 from resid.sae.sites import site_width
 
 __all__ = [
@@ -43,9 +47,11 @@ __all__ = [
     "SAEError",
     "attribute_features",
     "direct_feature_attribution",
+    "expected_processing",
     "feature_circuit",
     "load",
     "patch_features",
+    "processed_for",
     "save",
     "site_width",
 ]

@@ -48,7 +48,7 @@ from resid.core.hooks import HookFn, HookPoint
 from resid.core.labelled import Labelled
 from resid.core.layers import affine
 from resid.core.protocols import ModelLike
-from resid.sae import sites
+from resid.sae import processing, sites
 from resid.sae.circuits import direct_feature_attribution
 from resid.sae.config import SAEConfig, SAEError
 from resid.sae.features import Feature
@@ -259,6 +259,7 @@ class SAE(nn.Module):
         >>> sae.check_fits(model)
         """
         sites.check_fits(model, self.hook_name, self.d_in, self.cfg.reshape_activations, repr(self))
+        processing.check_processing(self.cfg, model, repr(self))  # warns on another basis
         self._model = weakref.ref(model)
 
     def splice_hook(self, use_error_term: bool = True) -> HookFn:
