@@ -34,7 +34,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from resid.core.inputs import Inputs
 from resid.core.labelled import Labelled
+from resid.core.names import act_name
 
 if TYPE_CHECKING:
     from resid.core.cache import ActivationCache
@@ -178,11 +180,10 @@ def head_scores(
     >>> scores["induction"].values.shape          # [n_layers, n_heads]
     >>> scores["previous_token"].top(3)
     """
-    tokens, mask = model.prepare(tokens, attention_mask)
+    tokens, mask = batch = model.prepare(tokens, attention_mask)
+    patterns = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
     if cache is None:
-        _, cache = model.run_with_cache(
-            tokens, names_filter=lambda n: n.endswith("hook_pattern"), attention_mask=mask
-        )
+        _, cache = model.run_with_cache(batch, names_filter=patterns)
     elif attention_mask is None:
         mask = cache.attention_mask
     real, rank = _real(tokens, mask)
@@ -195,7 +196,7 @@ def head_scores(
     }
     rows: dict[str, list[Tensor]] = {name: [] for name in SCORES}
     for layer in range(model.cfg.n_layers):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"].float().to(real.device)
+        p = cache[patterns[layer]].float().to(real.device)
         for name in SCORES:
             mass, count = _mass(p, wheres[name])
             if per_prompt:
@@ -302,10 +303,9 @@ def detect_head(
     tokens, mask = model.prepare(seq, attention_mask)
     if tokens.shape[1] < 2:
         raise ValueError("detect_head needs at least two tokens per prompt")
+    patterns = [act_name("pattern", layer) for layer in range(model.cfg.n_layers)]
     if cache is None:
-        _, cache = model.run_with_cache(
-            tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"), attention_mask=mask
-        )
+        _, cache = model.run_with_cache(Inputs(tokens, mask), names_filter=patterns)
     elif attention_mask is None and not isinstance(seq, (str, list)):
         mask = cache.attention_mask
     real, rank = _real(tokens, mask)
@@ -326,7 +326,7 @@ def detect_head(
     chosen = _chosen_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
     scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), -1.0)
     for layer in sorted({layer for layer, _ in chosen}):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"].to(real.device, torch.float64)
+        p = cache[patterns[layer]].to(real.device, torch.float64)
         if error_measure == "mul":
             p = p * keep[:, None]
             per_prompt = (p * expected[:, None]).sum((-2, -1)) / p.sum((-2, -1))

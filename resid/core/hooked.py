@@ -13,27 +13,40 @@ part of ``resid.Model`` that does it; the rest of the model lives in ``resid.cor
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
-from resid.core import hooks
+from resid.core import hooks, names
 from resid.core.cache import ActivationCache
 from resid.core.hooks import HookPoint, Hooks, NameFilter
 from resid.core.inputs import Input, Inputs, prepare
 from resid.core.protocols import Spliceable
 
-_SPLICE_LOCK = threading.Lock()  # hook_dict is replaced, never edited, under this lock
+# id(model) -> the hook points of the SAEs spliced into it in this context (thread or task),
+# as hooks are kept: a splice is visible where it was made, and in contexts copied from there
+_SPLICED: ContextVar[Mapping[int, Mapping[str, HookPoint]]] = ContextVar(
+    "resid_spliced", default=MappingProxyType({})
+)
 
 
 class Hooked:
     """Hooks, caching and splicing for ``resid.Model`` (a mixin: it reads the model's
-    ``hook_dict`` and calls its forward)."""
+    own hook points, ``_hook_points``, and calls its forward)."""
 
-    hook_dict: dict[str, HookPoint]
+    _hook_points: dict[str, HookPoint]
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point by name: the model's own, and those of the SAEs spliced in
+        the caller's thread or task (``with model.saes(...)``), which other threads do
+        not see."""
+        extra = _SPLICED.get().get(id(self))
+        return {**self._hook_points, **extra} if extra else self._hook_points
 
     @contextmanager
     def hooks(self, fwd_hooks: Hooks = (), bwd_hooks: Hooks = ()) -> Iterator[Hooked]:
@@ -114,19 +127,25 @@ class Hooked:
 
     @contextmanager
     def _extra_hook_points(self, points: Mapping[str, HookPoint]) -> Iterator[None]:
-        """Address ``points`` by name in ``hook_dict`` for the block, then remove exactly
-        them (by identity). The dict is replaced, not edited, so a reader never sees it
-        change mid-iteration."""
-        with _SPLICE_LOCK:
-            for name, hp in points.items():
-                hp.name = name
-            self.hook_dict = {**self.hook_dict, **points}
+        """Address ``points`` by name in ``hook_dict`` for the block, in the caller's
+        context only, then remove exactly them (by identity)."""
+        for name, hp in points.items():
+            hp.name = name
+        key = id(self)
+        table = dict(_SPLICED.get())
+        table[key] = MappingProxyType({**table.get(key, {}), **points})
+        _SPLICED.set(MappingProxyType(table))
         try:
             yield
         finally:
-            with _SPLICE_LOCK:
-                ours = {id(hp) for hp in points.values()}
-                self.hook_dict = {n: hp for n, hp in self.hook_dict.items() if id(hp) not in ours}
+            table = dict(_SPLICED.get())
+            ours = {id(hp) for hp in points.values()}
+            left = {n: hp for n, hp in table.get(key, {}).items() if id(hp) not in ours}
+            if left:
+                table[key] = MappingProxyType(left)
+            else:
+                table.pop(key, None)
+            _SPLICED.set(MappingProxyType(table))
 
     def run_with_hooks(
         self,
@@ -173,7 +192,7 @@ class Hooked:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"run_with_cache keeps activations in a float dtype, not {dtype!r}")
         if names_filter is None:
-            names_filter = lambda name: not name.endswith("hook_result")  # noqa: E731
+            names_filter = _all_but_head_results
         store: dict[str, Tensor] = {}
 
         def keep(name: str, t: Tensor) -> None:
@@ -206,6 +225,13 @@ class Hooked:
                     )
                 out.backward()
         return out, ActivationCache(store, self, attention_mask=mask)
+
+
+def _all_but_head_results(name: str) -> bool:
+    """``run_with_cache``'s default filter: every site but the per-head ``attn.hook_result``
+    (``[batch, pos, head, d_model]``, built only when asked for)."""
+    site = names.info(name)
+    return site is None or site.short != "result"
 
 
 def _check_device(device: torch.device | str | None) -> torch.device | None:

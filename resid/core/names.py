@@ -164,9 +164,10 @@ SITES: dict[str, SiteInfo] = {
     )
 }
 
-# short name -> path; "scores" is TransformerLens' other name for attn_scores
-_SHORT = {s.short: s.path for s in SITES.values() if s.short is not None}
-_SHORT["scores"] = "attn.hook_attn_scores"
+#: short name (``act_name``'s) -> the site's facts; ``"scores"`` is TransformerLens' other
+#: name for ``attn_scores``
+SHORT: dict[str, SiteInfo] = {s.short: s for s in SITES.values() if s.short is not None}
+SHORT["scores"] = SITES["attn.hook_attn_scores"]
 _LN = ("scale", "normalized")
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
@@ -188,11 +189,11 @@ def act_name(name: str, layer: int | None = None, ln: str | None = None) -> str:
         if ln not in ("ln1", "ln2"):
             raise ValueError(f"act_name({name!r}, {layer}) needs ln='ln1' or ln='ln2'")
         return f"blocks.{layer}.{ln}.hook_{name}"
-    if name not in _SHORT:
-        known = ", ".join([*_SHORT, *_LN])
+    if name not in SHORT:
+        known = ", ".join([*SHORT, *_LN])
         raise KeyError(f"no site called {name!r}: the short names are {known}")
-    path = _SHORT[name]
-    if not SITES[path].in_block:
+    path = SHORT[name].path
+    if not SHORT[name].in_block:
         return path
     if layer is None:
         raise ValueError(f"act_name({name!r}) needs a layer")

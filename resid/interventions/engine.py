@@ -16,27 +16,31 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from resid.core import names
 from resid.core.layers import KVStore, Mask, affine, row_invariant
 from resid.core.model import Model
 from resid.core.names import act_name
 from resid.interventions.metrics import Metric
 
-# site -> (hook name within block l, where a patched copy rejoins the forward)
+# sweep site -> where a patched copy rejoins the forward:
 #   "pre": before block l (q/k/v/pattern: with an edit inside its attention),
 #   "mid": at resid_mid of block l, "post": after block l.
-SITES = {
-    "resid_pre": ("hook_resid_pre", "pre"),
-    "resid_mid": ("hook_resid_mid", "mid"),
-    "resid_post": ("hook_resid_post", "post"),
-    "attn_out": ("hook_attn_out", "mid"),
-    "mlp_out": ("hook_mlp_out", "post"),
-    "z": ("attn.hook_z", "mid"),
-    "q": ("attn.hook_q", "pre"),
-    "k": ("attn.hook_k", "pre"),
-    "v": ("attn.hook_v", "pre"),
-    "pattern": ("attn.hook_pattern", "pre"),
+_REJOIN = {
+    "resid_pre": "pre",
+    "resid_mid": "mid",
+    "resid_post": "post",
+    "attn_out": "mid",
+    "mlp_out": "post",
+    "z": "mid",
+    "q": "pre",
+    "k": "pre",
+    "v": "pre",
+    "pattern": "pre",
 }
-HEAD_SITES = ("z", "q", "k", "v", "pattern")
+#: sweep site -> (its path within block l, from the table of sites; where a copy rejoins)
+SITES = {s: (names.SHORT[s].path, stage) for s, stage in _REJOIN.items()}
+#: the sweep sites with a head axis
+HEAD_SITES = tuple(s for s in SITES if names.SHORT[s].per_head)
 
 
 def hook_name(site: str, layer: int) -> str:

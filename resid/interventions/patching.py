@@ -27,7 +27,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from resid.core import names as site_names
 from resid.core.hooks import unknown_hook_error
+from resid.core.inputs import Inputs, check_mask, check_tokens, prepare
 from resid.core.labelled import Labelled, correlation  # noqa: F401 - resid.patching.correlation
 from resid.core.model import Model
 from resid.interventions.engine import HEAD_SITES, SITES, Cell, Engine, Readout, hook_name, scalar
@@ -43,10 +45,11 @@ def _site(site: str) -> str:
     return site
 
 
-def _check_tokens(model: Model, tokens: Tensor) -> Int[Tensor, "batch pos"]:
+def _prepare(model: Model, tokens: Tensor | Inputs, attention_mask: Tensor | None) -> Inputs:
+    """The corrupted run's token ids and mask, checked once for the whole call."""
     if not isinstance(tokens, Tensor):
         raise TypeError("corrupted input must be token ids [batch, pos]: use model.to_tokens")
-    return model.tokens(tokens)
+    return prepare(model, tokens, attention_mask)
 
 
 def _clean_acts(
@@ -55,14 +58,14 @@ def _clean_acts(
     """The clean activations at ``names``, from a cache or by running clean tokens (with
     the corrupted run's attention mask: patching pairs positions one to one)."""
     if isinstance(clean, Tensor):
-        clean = _check_tokens(model, clean)
+        clean = check_tokens(model, clean)
         if clean.shape != shape:
             raise ValueError(
                 f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(shape)} have "
                 "different shapes: patching pairs prompts and positions one to one"
             )
         with torch.no_grad():
-            _, clean = model.run_with_cache(clean, names_filter=names, attention_mask=mask)
+            _, clean = model.run_with_cache(Inputs(clean, mask), names_filter=names)
     out = {}
     for name in names:
         if name not in clean:
@@ -70,13 +73,15 @@ def _clean_acts(
                 f"the clean cache has no '{name}': cache it (run_with_cache names_filter)"
             )
         act = clean[name]
-        if act.shape[0] != shape[0] or act.shape[-2 if "pattern" in name else 1] != shape[1]:
+        site = site_names.info(name)
+        pos_axis = 1 if site is None else site.pos_axis
+        if act.shape[0] != shape[0] or act.shape[pos_axis] != shape[1]:
             raise ValueError(
                 f"clean and corrupted batches have different shapes: clean '{name}' is "
                 f"{tuple(act.shape)}, the corrupted tokens {tuple(shape)}; pair them one to one"
             )
-        scores = name.endswith(("hook_pattern", "hook_attn_scores"))  # fp32 in every model
-        out[name] = act.to(model.device, torch.float32 if scores else model.dtype)
+        fp32 = site is not None and site.fp32  # scores, patterns, scales: fp32 in every model
+        out[name] = act.to(model.device, torch.float32 if fp32 else model.dtype)
     return out
 
 
@@ -84,12 +89,10 @@ def _clean_acts(
 
 
 def _axes(name: str) -> tuple[int, int | None]:
-    """(position axis, head axis) of the activation at hook ``name``."""
-    if name.endswith(("hook_pattern", "hook_attn_scores")):
-        return 2, 1
-    if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")):
-        return 1, 2
-    return 1, None
+    """(position axis, head axis) of the activation at hook ``name`` (from the table of
+    sites; a site it does not describe, such as a spliced SAE's, is ``[batch, pos, ...]``)."""
+    site = site_names.info(name)
+    return (1, None) if site is None else (site.pos_axis, site.head_axis)
 
 
 def _index_mask(n: int, idx: int | Sequence[int] | None, what: str) -> Tensor:
@@ -123,8 +126,7 @@ def patch(
 
     >>> patch(model, corrupted, "blocks.0.attn.hook_z", clean_cache, pos=-1, head=[2, 5], metric=m)
     """
-    tokens = _check_tokens(model, corrupted)
-    mask = model.check_mask(attention_mask, tokens.shape)
+    tokens, mask = batch = _prepare(model, corrupted, attention_mask)
     if site not in model.hook_dict:
         raise unknown_hook_error(site, model.hook_dict)
     pos_axis, head_axis = _axes(site)
@@ -153,7 +155,7 @@ def patch(
         return torch.where(mask.to(act.device), src.to(act), act)
 
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(site, replace)], attention_mask=mask)
+        logits = model.run_with_hooks(batch, fwd_hooks=[(site, replace)])
     return logits if metric is None else evaluate(as_metric(metric), logits, mask)
 
 
@@ -227,8 +229,7 @@ def sweep(
     >>> result.values.shape                      # [n_layers, pos]
     """
     site = _site(site)
-    tokens = _check_tokens(model, corrupted)
-    mask = model.check_mask(attention_mask, tokens.shape)
+    tokens, mask = _prepare(model, corrupted, attention_mask)
     metric = as_metric(metric)
     cfg, (b, T) = model.cfg, tokens.shape
     # a parallel block has no resid_mid at which the batched engine could join a copy: its
@@ -249,11 +250,12 @@ def sweep(
         corr_names |= {hook_name("resid_mid", layer) for layer in range(cfg.n_layers)}
     corr_names |= set(names) | {hook_name("resid_post", cfg.n_layers - 1)}
     with torch.no_grad():
-        corr_logits, corr = model.run_with_cache(
-            tokens[:, :Te],
-            names_filter=sorted(corr_names),
-            attention_mask=None if mask is None else mask[:, :Te],
+        # the positions the metric can see (a narrower mask may have no padding left)
+        narrow = (
+            mask if mask is None or Te == T else check_mask(mask[:, :Te], (b, Te), model.device)
         )
+        head = Inputs(tokens[:, :Te], narrow)
+        corr_logits, corr = model.run_with_cache(head, names_filter=sorted(corr_names))
         corr = dict(corr.items())
         for name in names:
             a = clean_acts[name]
@@ -315,7 +317,7 @@ def _one_forward(model, tokens, mask, site: str, cell: Cell, clean_acts: dict, m
     def replace(act: Tensor, hook) -> Tensor:
         return torch.where(m, clean.to(act), act)
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(name, replace)], attention_mask=mask)
+    logits = model.run_with_hooks(Inputs(tokens, mask), fwd_hooks=[(name, replace)])
     return evaluate(metric, logits, mask)
 
 
@@ -352,8 +354,7 @@ def attribution_patch(
     >>> est = attribution_patch(model, corrupted, clean_cache, metric, "resid_pre")
     >>> correlation(est, sweep(model, corrupted, clean_cache, metric, "resid_pre"))
     """
-    tokens = _check_tokens(model, corrupted)
-    mask = model.check_mask(attention_mask, tokens.shape)
+    tokens, mask = _prepare(model, corrupted, attention_mask)
     metric = as_metric(metric)
     L = model.cfg.n_layers
     if site in model.hook_dict:
@@ -367,9 +368,7 @@ def attribution_patch(
     per_layer = []
     for name, grad in zip(names, grads, strict=True):
         prod = (grad * (clean_acts[name].to(grad) - acts[name])).float()
-        if name.endswith(
-            ("hook_pattern", "hook_attn_scores")
-        ):  # [b, head, dest, src] -> [head, dest]
+        if not _per_token(name):  # [b, head, dest, src] -> [head, dest]
             est = prod.sum((0, 3))
             est = est if by_pos else est.sum(1)
         elif _axes(name)[1] is not None:  # [b, pos, head, e] -> [pos, head]
@@ -389,7 +388,8 @@ def metric_gradients(
     """One forward and one backward of ``tokens`` (under any hooks attached around it): the
     metric, the activation at each of ``names``, and the metric's gradient there (zeros
     where it does not reach). Each site gets a zero ``delta`` added, whose gradient is the
-    activation's; the model's parameters get no ``.grad``."""
+    activation's; the model's parameters get no ``.grad``. ``tokens`` and ``mask`` are
+    taken as checked (``model.prepare``) and not checked again."""
     acts, deltas = {}, {}
 
     def nudge(act: Tensor, hook) -> Tensor:  # d metric / d delta = d metric / d act
@@ -397,10 +397,8 @@ def metric_gradients(
         deltas[hook.name] = torch.zeros_like(act, requires_grad=True)
         return act + deltas[hook.name]
 
-    with torch.enable_grad():
-        logits = model.run_with_hooks(
-            tokens, fwd_hooks=[(n, nudge) for n in names], attention_mask=mask
-        )
+    with torch.enable_grad():  # tokens and mask were checked by the caller
+        logits = model.run_with_hooks(Inputs(tokens, mask), fwd_hooks=[(n, nudge) for n in names])
         value = torch.as_tensor(metric(logits, attention_mask=mask))
         grads = torch.autograd.grad(value, [deltas[n] for n in names], allow_unused=True)
     grads = [
@@ -409,9 +407,15 @@ def metric_gradients(
     return scalar(value), acts, grads
 
 
+def _per_token(name: str) -> bool:
+    """One vector per token at ``name`` (not ``[query, key]`` pairs, as a pattern is)."""
+    site = site_names.info(name)
+    return site is None or site.per_token
+
+
 def _hook_axes(name: str, by_pos: bool) -> tuple[str, ...]:
     """The axes ``attribution_patch`` gives one hook's estimate."""
-    if name.endswith(("hook_pattern", "hook_attn_scores")):
+    if not _per_token(name):
         return ("head", "pos") if by_pos else ("head",)
     if _axes(name)[1] is not None:
         return ("pos", "head") if by_pos else ("head",)

@@ -18,7 +18,7 @@ from resid.core.labelled import Labelled
 from resid.core.model import Model
 from resid.interventions.engine import Readout, hook_name
 from resid.interventions.metrics import Metric, MetricFn, as_metric
-from resid.interventions.patching import Source, _check_tokens, _clean_acts
+from resid.interventions.patching import Source, _clean_acts, _prepare
 
 Head = tuple[int, int]
 
@@ -103,7 +103,8 @@ def _path_setup(model, corrupted, clean, metric, receivers, inputs):
             "single meaning there: run it outside `with model.hooks(...)`, or fold the edit "
             "into the clean and corrupted caches you pass"
         )
-    tokens = _check_tokens(model, corrupted)
+    batch = _prepare(model, corrupted, None)  # checked once for the whole call
+    tokens = batch.tokens
     metric = as_metric(metric)
     L = model.cfg.n_layers
     if receivers != "logits" and (not inputs or set(inputs) - set("qkv")):
@@ -119,7 +120,7 @@ def _path_setup(model, corrupted, clean, metric, receivers, inputs):
     with torch.no_grad():
         names += [hook_name("resid_pre", layer) for layer in range(L)]
         names.append(hook_name("resid_post", L - 1))
-        logits, corr = model.run_with_cache(tokens, names_filter=names)
+        logits, corr = model.run_with_cache(batch, names_filter=names)
     readout.prepare(corr[hook_name("resid_post", L - 1)], logits)
     return tokens, dict(corr.items()), clean_acts, readout, recv
 

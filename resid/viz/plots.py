@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from resid.analysis import detectors
+from resid.core.names import act_name
 
 if TYPE_CHECKING:
     from resid.core.model import Model
@@ -137,7 +138,7 @@ def attention(
         )
         tokens = tokens[: cfg.n_ctx]
     tokens = model.tokens(tokens)  # checks the vocabulary, moves to the model's device
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    names = [act_name("pattern", layer) for layer in layers]
     _, cache = model.run_with_cache(
         tokens, names_filter=names, device="cpu", stop_at_layer=max(layers) + 1
     )
