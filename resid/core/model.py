@@ -67,11 +67,11 @@ class Model(Hooked, WeightViews, nn.Module):
             self.lm_head = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))  # W_U, untied
         if cfg.unembed_bias:
             self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
-        self.hook_dict: dict[str, HookPoint] = {}
+        self._hook_points: dict[str, HookPoint] = {}  # hook_dict adds spliced SAEs' points
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
-                self.hook_dict[name] = module
+                self._hook_points[name] = module
         if self.W_E.device.type != "meta":
             self.init_weights()
 

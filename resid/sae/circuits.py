@@ -29,7 +29,7 @@ from resid.core.decompose import contributions
 from resid.core.labelled import Labelled, correlation
 from resid.core.lens import final_scale, logit_attribution, readout_direction, unembed_direction
 from resid.core.model import Model
-from resid.core.names import act_name, layer_of
+from resid.core.names import act_name, layer_of, stream_site
 from resid.interventions.engine import SITES, Cell, Engine, Readout, scalar
 from resid.interventions.metrics import Metric, MetricFn, as_metric
 from resid.interventions.patching import metric_gradients
@@ -39,17 +39,6 @@ Target = int | str | tuple | Tensor
 
 
 # ---- direct feature attribution ---------------------------------------------------------
-
-
-def _residual_site(name: str) -> tuple[int, str] | None:
-    """(layer, where) of a residual-stream hook name, else None."""
-    layer = layer_of(name)
-    if layer is None:
-        return None
-    for where in ("pre", "mid", "post"):
-        if act_name(f"resid_{where}", layer) == name:
-            return layer, where
-    return None
 
 
 def direct_feature_attribution(
@@ -76,7 +65,7 @@ def direct_feature_attribution(
     >>> dfa.top(5, pos=-1)
     """
     model = cache.model
-    site = _residual_site(sae.hook_name)
+    site = stream_site(sae.hook_name)
     if site is None:
         raise ValueError(
             f"direct feature attribution needs an SAE on the residual stream, not "
@@ -112,7 +101,7 @@ def direct_feature_attribution(
             parts.append((torch.einsum("bpd,bd->bp", error, direction) / scale)[None])
             labels.append("sae.error")
         full = logit_attribution(cache, target, heads=heads)
-        before = contributions(cache, site[0], site[1], heads=heads, direction=direction)
+        before = contributions(cache, site.layer, site.where, heads=heads, direction=direction)
         skip = set(before.labels)
         keep = [i for i, lab in enumerate(full.labels) if lab not in skip]
         parts.append(full.values[keep].to(ref))

@@ -113,7 +113,7 @@ def locate(path_or_repo: str | Path, sae_id: str | None = None) -> tuple[Path, P
         if not isinstance(sae_id, str):
             raise TypeError(f"sae_id must be a string, not {show(sae_id)}")
         try:
-            sae_id = files.check_relpath(sae_id.strip("/"), "the SAE id")
+            sae_id = files.check_relpath(sae_id.rstrip("/"), "the SAE id")
         except files.UnsafePathError as e:
             raise SAEError(
                 f"{e}: give the SAE's subfolder, e.g. 'blocks.8.hook_resid_pre'"
