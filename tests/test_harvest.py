@@ -21,8 +21,10 @@ import torch.multiprocessing as mp
 
 import resid
 import resid.harvest as H
-from resid.harvest import store
-from resid.harvest.corpus import CorpusError
+from resid.cli import main
+from resid.harvest import Settings, store
+from resid.harvest.corpus import PIECE_CHARS, CorpusError, contexts, open_corpus
+from resid.viz.dashboard import write_dashboard
 
 SITES = ["blocks.1.mlp.hook_post", "blocks.0.hook_resid_post"]
 SETTINGS = dict(context_length=24, batch_size=3, shard_batches=2, k=5, window=(3, 2))
@@ -264,19 +266,26 @@ def test_sigkill_then_resume_equals_clean_run(tiny, tiny_dir, corpus, clean, tmp
                       progress=False, resume=True, **SETTINGS)  # fmt: skip
         finally:
             torch.set_num_threads(threads)
-        ref, got = H.read_harvest(clean), H.read_harvest(out)
-        assert got["tokens"] == ref["tokens"] and got["shards"] == ref["shards"]
-        listed_ref = json.loads((clean / "resid-manifest.json").read_text())["files"]
-        listed_got = json.loads((out / "resid-manifest.json").read_text())["files"]
-        assert listed_got.keys() == listed_ref.keys()
-        for a, b in zip(H.iter_shards(clean), H.iter_shards(out), strict=True):
-            assert all(torch.equal(a[n], b[n]) for n in a)
-        for site in SITES:
-            a, b = H.load_stats(clean, site), H.load_stats(out, site)
-            for name in a:
-                assert torch.equal(a[name].nan_to_num(-9), b[name].nan_to_num(-9)), (site, name)
-        leftovers = sorted(p.name for p in out.rglob("*") if p.is_file())
-        assert not any(n.endswith(".partial") for n in leftovers) and not (out / "ranks").exists()
+        assert_same_harvest(clean, out)
+
+
+def assert_same_harvest(clean: Path, out: Path) -> None:
+    """``out`` holds what the uninterrupted run ``clean`` holds: the same shards bit for
+    bit, the same statistics, the same files, and nothing left over."""
+    ref, got = H.read_harvest(clean), H.read_harvest(out)
+    assert got["tokens"] == ref["tokens"] and got["shards"] == ref["shards"]
+    listed_ref = json.loads((clean / "resid-manifest.json").read_text())["files"]
+    listed_got = json.loads((out / "resid-manifest.json").read_text())["files"]
+    assert listed_got.keys() == listed_ref.keys()
+    for a, b in zip(H.iter_shards(clean), H.iter_shards(out), strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    for site in SITES:
+        a, b = H.load_stats(clean, site), H.load_stats(out, site)
+        for name in a:
+            assert torch.equal(a[name].nan_to_num(-9), b[name].nan_to_num(-9)), (site, name)
+    leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(leftovers) == sorted([*listed_ref, "resid-manifest.json"]), leftovers
+    assert not (out / "ranks").exists()
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -331,11 +340,13 @@ def test_world_size_change_on_resume_is_refused(tiny, corpus, clean, tmp_path):
     with pytest.raises(H.HarvestError, match="started with 2 process.*resumed with 1"):
         H.harvest(tiny, corpus, copy, SITES, activations=True, max_tokens=MAX_TOKENS,
                   resume=True, progress=False, **SETTINGS)  # fmt: skip
-    with pytest.raises(H.HarvestError, match="different settings.*batch_size"):
+    with pytest.raises(H.HarvestError, match="different settings.*batch_size") as e:
         manifest["harvest"].update(world_size=1)
         (copy / "resid-manifest.json").write_text(json.dumps(manifest))
         H.harvest(tiny, corpus, copy, SITES, activations=True, max_tokens=MAX_TOKENS,
                   resume=True, progress=False, **{**SETTINGS, "batch_size": 4})  # fmt: skip
+    assert str(e.value).count("batch_size") == 1, "each changed setting is named once"
+    assert "was 3, now 4" in str(e.value)
 
 
 def test_saved_datasets_folder(tiny, corpus, clean, tmp_path):
@@ -353,3 +364,273 @@ def test_saved_datasets_folder(tiny, corpus, clean, tmp_path):
     assert torch.equal(a["top_index"], b["top_index"]) and torch.equal(a["hist"], b["hist"])
     with pytest.raises(CorpusError, match="no 'body' column"):
         H.harvest(tiny, tmp_path / "ds", tmp_path / "h2", SITES, text_field="body", progress=False)
+
+
+KILL_ARGS = ["--sites", ",".join(SITES), "--activations", "--max-tokens", str(MAX_TOKENS),
+             "--context-length", "24", "--batch-size", "3", "--shard-batches", "2", "--k", "5",
+             "--window", "3,2", "--quiet", "--device", "cpu"]  # fmt: skip
+
+# resid harvest in a child process that SIGKILLs itself at its N-th fsync: atomic_write
+# fsyncs a temporary before renaming it (and the folder after), so N walks the kill through
+# every write of the run, each time with a half-finished file on disk.
+KILL_AT_FSYNC = """
+import os, signal, sys
+real, calls = os.fsync, [0]
+def fsync_then_die(fd):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fd)
+os.fsync = fsync_then_die
+from resid.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_inside_every_kind_of_write_then_resume(tiny_dir, corpus, clean, tmp_path):
+    """Kills at the 1st (the first manifest), 2nd, 3rd (a shard) and 6th (a rank's state)
+    fsync, one after another on the same folder, each followed by --resume: the result is
+    the uninterrupted run's, and no temporary is left."""
+    out = tmp_path / "h"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["harvest", str(tiny_dir), str(corpus), "--out", str(out), *KILL_ARGS, "--resume"]
+    for n in (1, 2, 3, 6):
+        done = subprocess.run([sys.executable, "-c", KILL_AT_FSYNC, str(n), *argv], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    done = subprocess.run([sys.executable, "-m", "resid", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_harvest(clean, out)
+
+
+def test_sigkill_at_random_moments_then_resume(tiny_dir, corpus, clean, tmp_path):
+    """SIGKILL at random instants of `resid harvest` (start-up, forwards, writes), four times
+    on one folder, then --resume: the uninterrupted run's result."""
+    out = tmp_path / "h"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "resid", "harvest", str(tiny_dir), str(corpus), "--out",
+            str(out), *KILL_ARGS, "--resume"]  # fmt: skip
+    rng = random.Random(20)
+    for _ in range(4):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 6.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_same_harvest(clean, out)
+
+
+# ---- settings bounded and checked before anything is written (issue 20, cause 3) ----------
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--k", "1000000000"], "--k"),
+        (["--window", "100000,100000"], "--window"),
+        (["--window", "abc"], "--window"),
+        (["--window", "3"], "--window"),
+        (["--active-threshold", "nan"], "--active-threshold"),
+        (["--active-threshold", "inf"], "--active-threshold"),
+        (["--k", "60000", "--window", "4000,4000"], "GiB of statistics"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-tokens", "-5"], "--max-tokens"),
+        (["--context-length", "1000000"], "--context-length"),
+    ],
+)
+def test_unbounded_settings_are_refused_before_anything_is_written(
+    tiny_dir, corpus, tmp_path, capsys, flags, named
+):
+    out = tmp_path / "h"
+    start = time.monotonic()
+    code = main(["harvest", str(tiny_dir), str(corpus), "--out", str(out), "--sites", SITES[0],
+                 "--quiet", "--device", "cpu", *flags])  # fmt: skip
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists(), "nothing may be written before the settings are checked"
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_settings_are_frozen_and_read_back_as_written():
+    s = Settings(sites=("a",), k=7, window="3,2", active_threshold=1)
+    assert s.window == (3, 2) and s.active_threshold == 1.0
+    with pytest.raises(AttributeError):
+        s.k = 8  # type: ignore[misc]
+    assert Settings.from_record(json.loads(json.dumps(s.record()))) == s
+
+
+# ---- a harvest's files read back with checks (causes 1, 4 and 9) ---------------------------
+
+
+def tampered(clean: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(clean, copy)
+    manifest = json.loads((copy / "resid-manifest.json").read_text())
+    edit(manifest)
+    (copy / "resid-manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+TAMPER = {
+    "window-null": lambda m: m["harvest"].update(window=[None, 4]),
+    "window-huge": lambda m: m["harvest"].update(window=[10**9, 4]),
+    "k-edited": lambda m: m["harvest"].update(k=7),
+    "k-string": lambda m: m["harvest"].update(k="5"),
+    "status-running": lambda m: m["harvest"].update(status="running"),
+    "status-bogus": lambda m: m["harvest"].update(status=["complete"]),
+    "tokens-negative": lambda m: m["harvest"].update(tokens=-1),
+    "shards-dict": lambda m: m["harvest"].update(shards={}),
+    "shard-outside": lambda m: m["harvest"]["shards"][0].update(path="../../x.safetensors"),
+    "stats-elsewhere": lambda m: m["harvest"]["site_info"][SITES[0]].update(
+        stats=f"stats/{SITES[1]}.safetensors"
+    ),
+    "units-huge": lambda m: m["harvest"]["site_info"][SITES[0]].update(units=10**12),
+    "sites-int": lambda m: m["harvest"].update(sites=5),
+    "threshold-string": lambda m: m["harvest"].update(active_threshold="nan"),
+    "files-outside": lambda m: m["files"].update({"../victim": "0" * 64}),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPER))
+def test_tampered_manifests_are_harvest_errors(tiny, corpus, clean, tmp_path, name):
+    copy = tampered(clean, tmp_path, TAMPER[name])
+    with pytest.raises(H.HarvestError):
+        H.load_stats(copy, SITES[0])
+    with pytest.raises(H.HarvestError):
+        write_dashboard(copy, tmp_path / "d", progress=False)
+    try:  # resuming: resid's own error, or a finished harvest equal to the clean one
+        H.harvest(tiny, corpus, copy, SITES, activations=True, max_tokens=MAX_TOKENS,
+                  resume=True, progress=False, **SETTINGS)  # fmt: skip
+    except H.HarvestError:
+        return
+    assert_same_harvest(clean, copy)
+
+
+def test_a_stats_file_that_is_a_symlink_or_device_is_refused_at_once(clean, tmp_path):
+    copy = tampered(clean, tmp_path, lambda m: None)
+    path = copy / "stats" / f"{SITES[0]}.safetensors"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    (copy / "shards" / "000000.safetensors").unlink()
+    (copy / "shards" / "000000.safetensors").symlink_to(clean / "shards" / "000000.safetensors")
+    start = time.monotonic()
+    with pytest.raises(H.HarvestError, match="regular file|symlink"):
+        H.load_stats(copy, SITES[0])
+    with pytest.raises(H.HarvestError):
+        write_dashboard(copy, tmp_path / "d", progress=False)
+    with pytest.raises(H.HarvestError, match="regular file|symlink"):
+        list(H.iter_shards(copy))
+    with pytest.raises(H.HarvestError, match="regular file|symlink"):
+        list(H.ActivationStore(copy, SITES[0], shuffle=False))
+    assert time.monotonic() - start < 5
+
+
+# ---- corpora read in bounded pieces (causes 4 and 9) -----------------------------------------
+
+
+def test_a_long_line_is_tokenized_in_pieces_as_a_whole(tiny, tmp_path):
+    """A line far longer than a piece gives exactly the contexts of the whole line
+    tokenized at once (pieces are cut where GPT-2's pre-tokenizer cuts anyway)."""
+    text = "  ".join(stdlib_documents() * 9) + " tail"
+    assert len(text) > 3 * PIECE_CHARS
+    path = tmp_path / "long.txt"
+    path.write_text(text + "\r\nsecond document\n", encoding="utf-8")
+    bos = tiny.tokenizer.bos_token_id
+    got = [ids for ids, _ in contexts(open_corpus(path), tiny.tokenizer, 64)]
+    stream = tiny.tokenizer.encode(text) + [bos] + tiny.tokenizer.encode("second document") + [bos]
+    want = [[bos, *stream[i : i + 63]] for i in range(0, len(stream) - 62, 63)]
+    assert got == want
+
+
+MEMORY_PROBE = """
+import resource, sys
+import resid
+from resid.harvest.corpus import contexts, open_corpus
+tokenizer = resid.load(sys.argv[1], device="cpu").tokenizer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n = 0
+for ids, _ in contexts(open_corpus(sys.argv[2]), tokenizer, 128):
+    n += len(ids)
+    if n >= 2000:
+        break
+print(n, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_20_mb_file_without_a_newline_reads_in_bounded_memory(tiny_dir, tmp_path):
+    """The first 2,000 tokens of a 20 MB one-line file: a few pieces are read and tokenized,
+    not the whole line (which took about 3 GiB)."""
+    path = tmp_path / "one-line.txt"
+    words = "the cat sat on the mat and looked at the dog; " * 1000
+    with open(path, "w") as f:
+        for _ in range(20_000_000 // len(words)):
+            f.write(words)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tiny_dir), str(path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    tokens, grew_mib = map(int, done.stdout.split())
+    assert tokens >= 2000
+    assert grew_mib < 200, f"reading grew the process by {grew_mib} MiB"
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"text": ' + "[" * 200_000 + "]" * 200_000 + "}", "nests JSON"),
+        ('{"text": "fine", "x": ' + "{" * 5000 + "}" * 5000 + "}", "nests JSON|not JSON"),
+        ('{"text": "a\\ud800b"}', "lone surrogate"),
+        ('{"text": "\\udfff"}', "lone surrogate"),
+        ("[1, 2]", "not an object"),
+        ('{"text": 5}', "not a string"),
+    ],
+)
+def test_hostile_jsonl_records_are_corpus_errors(tiny, tmp_path, line, match):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "a fine first record"}) + "\n" + line + "\n")
+    with pytest.raises(CorpusError, match=f"line 2 .*({match})"):
+        list(contexts(open_corpus(path), tiny.tokenizer, 4))
+
+
+def test_an_unknown_corpus_suffix_is_named(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(CorpusError, match=r"not '\.csv'") as e:
+        open_corpus(path)
+    assert "{" not in str(e.value)
+
+
+# ---- the model recorded so it can be found again; files the user's group can read (issue 24)
+
+
+def test_the_model_is_recorded_absolute_and_the_dashboard_runs_from_elsewhere(
+    tiny_dir, corpus, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tiny_dir.parent)
+    out = tmp_path / "h"
+    old = os.umask(0o022)
+    try:
+        assert main(["harvest", tiny_dir.name, str(corpus), "--out", str(out), "--sites",
+                     SITES[0], "--max-tokens", "200", "--context-length", "24", "--quiet",
+                     "--device", "cpu", "--activations"]) == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    assert H.read_harvest(out)["model"] == str(tiny_dir.resolve())
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777
+             for p in out.rglob("*") if p.is_file()}  # fmt: skip
+    assert modes and set(modes.values()) == {0o644}, modes  # not mkstemp's 0o600
+    monkeypatch.chdir(tmp_path)
+    assert main(["dashboard", str(out), "--out", str(tmp_path / "d"), "--units", "0",
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    moved = tampered(out, tmp_path, lambda m: m["harvest"].update(model=str(tmp_path / "gone")))
+    assert main(["dashboard", str(moved), "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "--no-model" in err, err

@@ -47,7 +47,8 @@ class ActivationStore:
         info = store.read_harvest(self.folder)
         if not info.get("activations"):
             raise HarvestError(
-                f"{folder} holds no activations: harvest with --activations to train on it"
+                f"{folder} holds no activations: harvest again with activations=True "
+                "(resid harvest --activations) to stream them"
             )
         if site not in info["sites"]:
             raise HarvestError(f"{folder} has no activations at {site!r}; it has {info['sites']}")

@@ -216,11 +216,11 @@ def _decide(out: Path, settings: Settings, identity: dict, world: int, resume: b
     try:
         if out.exists() and not out.is_dir():
             return {"error": f"{out} exists and is not a folder: choose another --out"}
+        if store.only_a_first_manifest(out):  # killed before the run's first commit
+            store.remove_temporaries(out)
         if not out.exists() or not any(out.iterdir()):
-            if resume:
-                return {
-                    "error": f"nothing to resume: {out} holds no harvest (run without --resume)"
-                }
+            if resume:  # a run killed before it wrote anything: resuming is starting
+                print(f"resid harvest: nothing to resume in {out}: starting", file=sys.stderr)
             return {"action": "fresh"}
         manifest = store.read_manifest(out)
         foreign = store.foreign_files(out)

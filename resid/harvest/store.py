@@ -223,6 +223,17 @@ def _temporary_of(rel: str) -> str | None:
     return target if _ours(target) or target == files.MANIFEST else None
 
 
+def only_a_first_manifest(folder: Path) -> bool:
+    """True when ``folder`` holds nothing but temporaries of its manifest: a run killed
+    while writing its first manifest, before anything else existed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    found = list(files.entries(folder))
+    return bool(found) and all(
+        stat.S_ISREG(st.st_mode) and _temporary_of(rel) == files.MANIFEST for rel, st in found
+    )
+
+
 def remove_temporaries(folder: Path) -> None:
     """Delete resid's own temporaries a kill left in a harvest folder (regular files named
     as :func:`resid.core.files.atomic_write` names them, in the harvest's own places)."""
