@@ -1,8 +1,11 @@
 """Head detectors on hand-built attention patterns, where the right score is known."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import resid
 from resid.analysis.detectors import (
     bos_score,
     detect_head,
@@ -172,3 +175,16 @@ def test_detect_head_bad_input(tiny):
         detect_head(tiny, tokens, "induction_head", heads=[(5, 0)])
     with pytest.warns(UserWarning, match="other than 0 and 1"):
         detect_head(tiny, tokens, torch.tril(torch.full((T, T), 0.5)))
+
+
+def test_repeated_tokens_takes_bos_and_vocabulary_from_the_model(tiny, tmp_path):
+    t = repeated_tokens(3, 50, model=tiny)
+    assert (t[:, 0] == tiny.tokenizer.bos_token_id).all()
+    toy = resid.load(Path(__file__).parents[1] / "notebooks" / "toy-induction", device="cpu")
+    with pytest.raises(ValueError, match="bos="):
+        repeated_tokens(3, 50, model=toy)  # a vocabulary of its own, no tokenizer: say which
+    t = repeated_tokens(64, 50, d_vocab=toy.cfg.d_vocab, bos=0)
+    assert (t[:, 0] == 0).all() and (t[:, 1:] != 0).all(), "BOS only at position 0"
+    assert t.max() == toy.cfg.d_vocab - 1, "the whole vocabulary is used"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        repeated_tokens(1, 5, d_vocab=128, bos=50256)

@@ -244,3 +244,15 @@ def test_svd_helpers_pair_corner_and_unsqueeze_as_transformer_lens():
     for k in (0, 1, -3):
         assert_same(ours.unsqueeze(k), theirs.unsqueeze(k))
     assert (ours.ldim, ours.mdim, ours.rdim) == (theirs.ldim, theirs.mdim, theirs.rdim)
+
+
+def test_factored_matrix_refuses_a_non_scalar_factor():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 2, generator=g), torch.randn(2, 3, generator=g)
+    M = FactoredMatrix(A, B)
+    with pytest.raises(ValueError, match="only a scalar"):
+        M * torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="only a scalar"):
+        torch.tensor([1.0, 2.0]) * M
+    torch.testing.assert_close((M * 2.0).AB, 2.0 * (A @ B))
+    torch.testing.assert_close((torch.tensor(3.0) * M).AB, 3.0 * (A @ B))

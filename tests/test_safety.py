@@ -23,8 +23,6 @@ import torch
 import resid
 from resid import CheckpointError
 from resid.core import files
-from resid.core.config import Config
-from resid.core.factored import FactoredMatrix
 from resid.core.tokenizer import Tokenizer
 from resid.viz.attention_pages import write_attention
 from resid.viz.plots import parse_indices
@@ -577,26 +575,7 @@ def test_cli_prints_one_line_for_a_bad_checkpoint(tiny_dir, tmp_path):
         assert "'n_head' must be a positive integer" in lines[0] and "config.json" in lines[0]
 
 
-def test_config_checks_its_own_fields():
-    for bad in (dict(n_layers=True), dict(n_layers=2.0), dict(d_vocab=0), dict(n_ctx=-1),
-                dict(layer_norm_eps=-1.0), dict(layer_norm_eps=float("nan")), dict(layer_norm_eps=0)):  # fmt: skip
-        with pytest.raises(ValueError, match="must be a positive"):
-            Config(**bad)
-
-
 # ---- 8-10 -----------------------------------------------------------------------------------
-
-
-def test_factored_matrix_refuses_a_non_scalar_factor():
-    g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(3, 2, generator=g), torch.randn(2, 3, generator=g)
-    M = FactoredMatrix(A, B)
-    with pytest.raises(ValueError, match="only a scalar"):
-        M * torch.tensor([1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="only a scalar"):
-        torch.tensor([1.0, 2.0]) * M
-    torch.testing.assert_close((M * 2.0).AB, 2.0 * (A @ B))
-    torch.testing.assert_close((torch.tensor(3.0) * M).AB, 3.0 * (A @ B))
 
 
 def test_nanogpt_padded_vocab_uses_gpt2s_tokenizer(tiny_hf, tmp_path):
@@ -615,21 +594,6 @@ def test_nanogpt_padded_vocab_uses_gpt2s_tokenizer(tiny_hf, tmp_path):
         *gpt2.encode("Hello world"),
     ]
     assert m.to_str_tokens("Hello world") == ["<|endoftext|>", "Hello", " world"]
-
-
-def test_repeated_tokens_takes_bos_and_vocabulary_from_the_model(tiny, tmp_path):
-    from resid.analysis.detectors import repeated_tokens
-
-    t = repeated_tokens(3, 50, model=tiny)
-    assert (t[:, 0] == tiny.tokenizer.bos_token_id).all()
-    toy = resid.load(Path(__file__).parents[1] / "notebooks" / "toy-induction", device="cpu")
-    with pytest.raises(ValueError, match="bos="):
-        repeated_tokens(3, 50, model=toy)  # a vocabulary of its own, no tokenizer: say which
-    t = repeated_tokens(64, 50, d_vocab=toy.cfg.d_vocab, bos=0)
-    assert (t[:, 0] == 0).all() and (t[:, 1:] != 0).all(), "BOS only at position 0"
-    assert t.max() == toy.cfg.d_vocab - 1, "the whole vocabulary is used"
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        repeated_tokens(1, 5, d_vocab=128, bos=50256)
 
 
 def test_compare_reads_a_single_file_once(tiny_dir, monkeypatch):
