@@ -1,0 +1,77 @@
+"""A ``Model`` from a family's config and tensors: the one path every format ends in.
+
+``from_hf`` is the entry point for formats other than the files ``resid.load`` reads itself
+(GGUF, weights already in memory): a Hugging Face-style config dict and tensors under
+``transformers``' names and layouts. Everything is checked before the model is built, and
+each parameter is written once, straight into the dtype and onto the device asked for.
+
+>>> model = from_hf(hf_model.config.to_dict(), hf_model.state_dict(), source="hf model")
+>>> model = from_hf(config, weights, tokenizer=tok, dtype=torch.bfloat16, source="x.gguf")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from resid.core.config import Config
+from resid.core.model import Model
+from resid.core.tokenizer import Tokenizer
+from resid.io.checkpoint import Stored, stored_of
+from resid.io.families import family
+from resid.io.families.assemble import check, convert, normalise
+from resid.io.families.common import Family
+
+
+def build_model(
+    entries: dict[str, Stored],
+    cfg: Config,
+    fam: Family,
+    *,
+    tokenizer: Tokenizer | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    allow_nonfinite: bool,
+    source,
+) -> Model:
+    """The ``Model`` of checked, normalised checkpoint entries: names and shapes compared
+    with ``cfg`` first, then each parameter converted on its own into ``dtype`` (default
+    float32) on ``device`` (default CUDA when there is one)."""
+    params = check(entries, cfg, fam, source)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or torch.float32
+    state = convert(entries, params, cfg, fam, dtype, device, allow_nonfinite, source)
+    with torch.device("meta"):
+        model = Model(cfg, tokenizer=tokenizer)
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype)  # no copy: every tensor is already there
+
+
+def from_hf(
+    hf_config: dict,
+    weights: Mapping[str, Tensor],
+    *,
+    tokenizer: Tokenizer | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    source: str,
+    allow_nonfinite: bool = False,
+) -> Model:
+    """A ``Model`` from a Hugging Face-style config (``model_type`` one of resid's families)
+    and tensors under ``transformers``' names (base-model prefixes allowed) and layouts
+    (``nn.Linear`` ``[out, in]``; GPT-2's ``Conv1D`` ``[in, out]``), in any floating dtype.
+
+    ``weights`` is not modified. The layer count is compared with the tensors, then every
+    name, shape and dtype, before anything is built; NaN or Inf weights are refused unless
+    ``allow_nonfinite``. Every failure is a ``CheckpointError`` naming ``source``.
+
+    >>> hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    >>> model = from_hf(hf.config.to_dict(), hf.state_dict(), source=str(folder))
+    """
+    fam = family(hf_config, source)
+    entries = normalise(stored_of(weights, source), fam, source)
+    cfg = fam.config(hf_config, source, fam.held(entries))
+    return build_model(entries, cfg, fam, tokenizer=tokenizer, dtype=dtype, device=device,
+                       allow_nonfinite=allow_nonfinite, source=source)  # fmt: skip
