@@ -15,56 +15,90 @@ a ``DeprecationWarning`` naming their new place. Nothing is patched at import.
 """
 
 import importlib
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
-from resid import (
-    circuits,
-    decompose,
-    detectors,
-    generation,
-    metrics,
-    patching,
-    path_patching,
-    sae,
-    stream,
-)
-from resid.core.cache import ActivationCache
-from resid.core.config import Config
-from resid.core.deprecation import moved
-from resid.core.factored import FactoredMatrix
-from resid.core.head import Head
-from resid.core.hooks import HookPoint
-from resid.core.kv_cache import KVCache
-from resid.core.labelled import Labelled, correlation
-from resid.core.model import Model
-from resid.core.names import act_name
-from resid.core.neuron import Neuron
-from resid.core.stream import ResidualStream, State
-from resid.core.tokenizer import Tokenizer
-from resid.io.loading import CheckpointError, load, save
+if TYPE_CHECKING:  # for readers and type checkers; at run time each name loads on first use
+    from resid import (
+        circuits,
+        decompose,
+        detectors,
+        generation,
+        metrics,
+        patching,
+        path_patching,
+        sae,
+        stream,
+    )
+    from resid.core.cache import ActivationCache
+    from resid.core.config import Config
+    from resid.core.factored import FactoredMatrix
+    from resid.core.head import Head
+    from resid.core.hooks import HookPoint
+    from resid.core.kv_cache import KVCache
+    from resid.core.labelled import Labelled, correlation
+    from resid.core.model import Model
+    from resid.core.names import act_name
+    from resid.core.neuron import Neuron
+    from resid.core.stream import ResidualStream, State
+    from resid.core.tokenizer import Tokenizer
+    from resid.io.loading import CheckpointError, load, save
 
-# modules loaded on first use: the plots import plotly, harvesting torch.distributed, and
-# the flat layout's deprecated module names load only when a user still asks for one
-_ON_USE = (
-    "attention_pages", "plots", "harvest", "cache", "compare", "config", "engine", "factored",
-    "functional", "head", "hooks", "kv_cache", "labelled", "layers", "lens", "loading",
-    "model", "names", "neuron", "references", "suffix", "tokenizer",
+# Every name loads on first use, so `import resid` costs no torch until a name is used
+# (`resid --help` answers at once). Where each short name lives:
+_NAMES = {
+    "ActivationCache": "resid.core.cache",
+    "Config": "resid.core.config",
+    "FactoredMatrix": "resid.core.factored",
+    "Head": "resid.core.head",
+    "HookPoint": "resid.core.hooks",
+    "KVCache": "resid.core.kv_cache",
+    "Labelled": "resid.core.labelled",
+    "correlation": "resid.core.labelled",
+    "Model": "resid.core.model",
+    "act_name": "resid.core.names",
+    "Neuron": "resid.core.neuron",
+    "ResidualStream": "resid.core.stream",
+    "State": "resid.core.stream",
+    "Tokenizer": "resid.core.tokenizer",
+    "CheckpointError": "resid.io.loading",
+    "load": "resid.io.loading",
+    "save": "resid.io.loading",
+}
+# the modules the README imports from, and the flat layout's other module names (which
+# warn, from their own files, when a user still asks for one)
+_MODULES = (
+    "circuits", "decompose", "detectors", "generation", "metrics", "patching", "path_patching",
+    "sae", "stream", "attention_pages", "plots", "harvest", "cache", "compare", "config",
+    "engine", "factored", "functional", "head", "hooks", "kv_cache", "labelled", "layers",
+    "lens", "loading", "model", "names", "neuron", "references", "suffix", "tokenizer",
 )  # fmt: skip
-_moved = moved(
-    __name__,
-    {
-        "AnalysisCache": (ActivationCache, "resid.ActivationCache"),
-        "Components": (Labelled, "resid.Labelled"),
-    },
-)
+_MOVED = {"AnalysisCache": "ActivationCache", "Components": "Labelled"}  # old name -> new
 
 
 def __getattr__(name: str) -> Any:
-    """``resid.plots`` and the other modules of ``_ON_USE`` load when first asked for;
-    ``resid.AnalysisCache`` and ``resid.Components`` answer with a DeprecationWarning."""
-    if name in _ON_USE:
+    """A short name, a module of ``_MODULES`` or a moved name (with a DeprecationWarning),
+    imported when first asked for."""
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value  # asked for once
+        return value
+    if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    return _moved(name)
+    if name in _MOVED:
+        new = _MOVED[name]
+        warnings.warn(
+            f"resid.{name} has moved: import it as resid.{new} (the old name will go in a "
+            "later release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_MODULES))
 
 
 __all__ = [

@@ -4,6 +4,7 @@
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,29 @@ def test_version_is_the_projects():
     out = subprocess.run([sys.executable, "-m", "resid", "--version"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0 and out.stdout == f"resid {version}\n"
+
+
+def best_of(argv: list[str], n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        subprocess.run(argv, capture_output=True, check=True, timeout=120)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def test_help_loads_no_torch_and_is_fast():
+    """`resid --help` imports only the standard library's argparse: no torch (which alone
+    takes seconds to import). Timed against a bare interpreter on the same machine, so the
+    bound holds on a slow or busy one: torch's import is well over 10 of them."""
+    probe = ("import sys, resid.cli\ntry:\n    resid.cli.main(['--help'])\nexcept SystemExit:\n"
+             "    pass\nprint(sorted(m for m in ('torch', 'numpy', 'plotly') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+    bare = best_of([sys.executable, "-c", "pass"])
+    help_ = best_of([sys.executable, "-m", "resid", "--help"])
+    assert help_ < 5 * bare, f"resid --help took {help_:.3f} s, python -c pass {bare:.3f} s"
 
 
 @pytest.mark.parametrize("argv", [[], ["compare"], ["frobnicate", "x"]])
