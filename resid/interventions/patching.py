@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from resid.core import names as site_names
 from resid.core.hooks import unknown_hook_error

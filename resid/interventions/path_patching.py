@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from resid.core.labelled import Labelled
 from resid.core.model import Model
