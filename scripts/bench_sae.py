@@ -12,6 +12,10 @@ Reports ``overhead = (spliced - plain) / (x @ W_enc + acts @ W_dec)`` for a spli
 encoder and decoder both run (the SAE's sites cached, or the error term dropped): at most
 about 1 means the splice costs no more than its two matmuls. With the error term kept and
 nothing observing the SAE, the splice returns its input and costs nothing.
+
+``--patch N`` also times ``resid.sae.patch_features`` on ``N`` features (the patching
+engine: each copy joins at the SAE's layer, on the positions the feature changes) against
+one plain forward per feature, and prints the largest difference between the two.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import time
 import torch
 
 import resid
-from resid.interventions.sae import SAE, SAEConfig
+from resid import metrics
+from resid.sae import SAE, SAEConfig, circuits, patch_features
 
 
 def best(fn, runs: int) -> float:
@@ -43,6 +48,9 @@ def main() -> None:
     p.add_argument("--pos", type=int, default=128)
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--patch", type=int, default=0, metavar="N", help="time patch_features on N features"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,6 +102,38 @@ def main() -> None:
         print(f"  {what:<38} {t * 1e3:8.1f} ms   (x{t / plain:.2f} the plain forward)")
     for what, t in (("SAE sites cached", observed), ("no error term", dropped)):
         print(f"  overhead, {what}: (spliced - plain) / matmuls = {(t - plain) / matmuls:.2f}")
+    if args.patch:
+        bench_patch(model, sae, tokens, args.patch)
+
+
+def bench_patch(model: resid.Model, sae: SAE, tokens: torch.Tensor, n: int) -> None:
+    """patch_features on the engine against one forward per feature (the reference)."""
+    clean, corrupted = tokens, tokens.clone()
+    corrupted[:, tokens.shape[1] // 3] = (
+        corrupted[:, tokens.shape[1] // 3] + 1
+    ) % model.cfg.d_vocab
+    metric = metrics.logit_diff(answer=torch.tensor(11), wrong=torch.tensor(12))
+    with torch.no_grad():  # biases that let about 5% of the features fire on these inputs
+        _, cache = model.run_with_cache(clean, names_filter=[sae.hook_name])
+        pre = (cache[sae.hook_name] - sae.b_dec) @ sae.W_enc
+        sae.b_enc.copy_(-pre.flatten(0, 1).quantile(0.95, dim=0))
+    with torch.no_grad(), model.saes([sae]):
+        _, cache = model.run_with_cache(clean, names_filter=[sae.name_of("hook_acts")])
+        acts = cache[sae.name_of("hook_acts")]
+        feats = (acts != 0).any(0).any(0).nonzero()[:n, 0]
+        t0 = time.perf_counter()
+        engine = patch_features(model, corrupted, cache, metric, [sae], feats)
+        t_engine = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref, _ = circuits._patch_one_by_one(
+            model, corrupted, None, metric, [sae], [acts], torch.zeros_like(feats), feats
+        )
+        t_ref = time.perf_counter() - t0
+    diff = float((engine.values - ref).abs().max())
+    print(
+        f"  patch_features, {len(feats)} features: engine {t_engine:.2f} s, one forward each "
+        f"{t_ref:.2f} s (x{t_ref / t_engine:.1f}); max |engine - one forward each| = {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import resid
-from resid.interventions.sae import SAE, SAEConfig
+from resid.sae import SAE, SAEConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
