@@ -2,11 +2,17 @@
 the logits of the Hugging Face model the file was written from; and every way a file can
 be wrong."""
 
+import dataclasses
 import json
+import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -15,6 +21,15 @@ from conftest import TINY, make_hf_gpt2
 
 import resid
 from resid import CheckpointError
+from resid.core.tokenizer import Tokenizer
+from resid.io import checkpoint
+
+TOKENS = torch.tensor([[50256, 464, 3797, 3332, 319, 262, 2603, 13]])
+
+
+def run_cli(*argv, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resid", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
 
 
 def hf_logits(hf, tokens):
@@ -249,3 +264,388 @@ def test_hub_name_from_cache(tiny_dir, tiny_hf, tokens, tmp_path):
     torch.testing.assert_close(
         torch.load(tmp_path / "out.pt"), hf_logits(tiny_hf, tokens), atol=1e-4, rtol=0
     )
+
+
+# ---- 4-6. checkpoints validated before anything is allocated -----------------------------------
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def set_config(**changes):
+    def mutate(folder: Path):
+        cfg = _config(folder)
+        cfg.update(changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+
+    return mutate
+
+
+def write_config(text: str):
+    def mutate(folder: Path):
+        (folder / "config.json").write_text(text)
+
+    return mutate
+
+
+def edit_weights(fn):
+    def mutate(folder: Path):
+        sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        fn(sd)
+        safetensors.torch.save_file(sd, str(folder / "model.safetensors"))
+
+    return mutate
+
+
+def _set(name, value):
+    def fn(sd):
+        sd[name] = value(sd[name]) if callable(value) else value
+
+    return fn
+
+
+def _nan_at(name, where=(0,), value=math.nan):
+    def fn(sd):
+        t = sd[name].clone()
+        t.view(-1)[where[0]] = value
+        sd[name] = t
+
+    return fn
+
+
+def _tied_nan(sd):
+    t = sd["transformer.wte.weight"].clone()
+    t[3, 2] = math.nan
+    sd["transformer.wte.weight"] = t
+    sd["lm_head.weight"] = t.clone()
+
+
+def shards(names: list[str], prepare=None):
+    """A sharded checkpoint: the weights split over files named ``names`` in the index."""
+
+    def mutate(folder: Path):
+        sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        (folder / "model.safetensors").unlink()
+        keys = sorted(sd)
+        weight_map = {}
+        for i, name in enumerate(names):
+            part = {k: sd[k] for k in keys[i :: len(names)]}
+            weight_map |= dict.fromkeys(part, name)
+            target = (folder / name) if not os.path.isabs(name) else Path(name)
+            if prepare is None and not name.startswith(("/dev", "..")):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                safetensors.torch.save_file(part, str(target))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        if prepare:
+            prepare(folder, sd, keys, names)
+
+    return mutate
+
+
+def _outside(folder, sd, keys, names):
+    elsewhere = folder.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    safetensors.torch.save_file({k: sd[k] for k in keys[1::2]}, str(elsewhere / "x.safetensors"))
+    safetensors.torch.save_file({k: sd[k] for k in keys[0::2]}, str(folder / "a.safetensors"))
+
+
+def _fifo_shard(folder, sd, keys, names):
+    safetensors.torch.save_file({k: sd[k] for k in keys[0::2]}, str(folder / "a.safetensors"))
+    os.mkfifo(folder / "b.safetensors")
+
+
+def _symlink_out(folder, sd, keys, names):
+    _outside(folder, sd, keys, names)
+    (folder / "b.safetensors").symlink_to(folder.parent / "elsewhere" / "x.safetensors")
+
+
+def _fifo_config(folder: Path):
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+
+
+def _huge_config(folder: Path):
+    cfg = _config(folder)
+    cfg["padding"] = "x" * (17 << 20)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _header_lies(folder: Path):
+    """A safetensors header declaring a tensor far larger than the file."""
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = "transformer.h.0.ln_1.weight"
+    header[name]["shape"] = [1 << 28]
+    body = json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+
+
+def _truncate(folder: Path):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def as_bin(obj_fn):
+    def mutate(folder: Path):
+        sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        (folder / "model.safetensors").unlink()
+        torch.save(obj_fn(sd), folder / "pytorch_model.bin")
+
+    return mutate
+
+
+def _storage_bomb(folder: Path):
+    """A .bin whose pickle declares a 2 GB storage for a 4 kB record."""
+    import struct
+    import zipfile
+
+    sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    sd["transformer.ln_f.bias"] = torch.zeros(1000)
+    torch.save(sd, folder / "small.bin")
+    zin = zipfile.ZipFile(folder / "small.bin")
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"M\xe8\x03", b"J" + struct.pack("<i", 500_000_000))
+            zout.writestr(name, data)
+    zin.close()
+    (folder / "small.bin").unlink()
+
+
+def nanogpt(change=None, args_change=None, model_fn=None):
+    def mutate(folder: Path):
+        sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        cfg = _config(folder)
+        for p in ("model.safetensors", "config.json"):
+            (folder / p).unlink()
+        conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+        model = {
+            f"_orig_mod.{k}": v.T.contiguous() if k.endswith(conv1d) else v for k, v in sd.items()
+        }
+        args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                    block_size=cfg["n_positions"], bias=True, vocab_size=cfg["vocab_size"])  # fmt: skip
+        if args_change is not None:
+            args = args_change(args)
+        if model_fn is not None:
+            model = model_fn(model)
+        torch.save({"model": model, "model_args": args, "iter_num": 1}, folder / "ckpt.pt")
+
+    return mutate
+
+
+def _args(**changes):
+    return lambda args: {**args, **changes}
+
+
+OK = None  # loads, with the same logits as the unmodified checkpoint
+OK_EXACT_GELU = "ok: nanoGPT"  # loads, as the same weights with nanoGPT's exact GELU
+VARIANTS = {
+    # config.json: types and ranges
+    "n_head 0": (set_config(n_head=0), "'n_head' must be a positive integer"),
+    "n_head -4": (set_config(n_head=-4), "'n_head' must be a positive integer"),
+    "n_layer '2'": (set_config(n_layer="2"), "'n_layer' must be a positive integer"),
+    "n_layer 2.0": (set_config(n_layer=2.0), "'n_layer' must be a positive integer"),
+    "n_layer null": (set_config(n_layer=None), "'n_layer' must be a positive integer"),
+    "n_layer true": (set_config(n_layer=True), "'n_layer' must be a positive integer"),
+    "n_layer 1e7": (set_config(n_layer=10_000_000), "asks for 10,000,000 blocks"),
+    "n_layer 1": (set_config(n_layer=1), "unexpected keys"),
+    "n_embd not a multiple of n_head": (set_config(n_embd=66), "not a multiple"),
+    "n_embd '64'": (set_config(n_embd="64"), "'n_embd' must be a positive integer"),
+    "vocab_size 0": (set_config(vocab_size=0), "'vocab_size' must be a positive integer"),
+    "vocab_size 1e12": (set_config(vocab_size=10**12), "mis-shaped keys"),
+    "n_positions -1": (set_config(n_positions=-1), "'n_positions' must be a positive integer"),
+    "n_positions 1e15": (set_config(n_positions=10**15), "mis-shaped keys"),
+    "n_inner 0": (set_config(n_inner=0), "'n_inner' must be a positive integer"),
+    "n_inner '256'": (set_config(n_inner="256"), "'n_inner' must be a positive integer"),
+    "eps -1": (set_config(layer_norm_epsilon=-1), "'layer_norm_epsilon' must be a positive"),
+    "eps 0": (set_config(layer_norm_epsilon=0), "'layer_norm_epsilon' must be a positive"),
+    "eps NaN": (set_config(layer_norm_epsilon=math.nan), "'layer_norm_epsilon' must be a positive"),
+    "eps Infinity": (set_config(layer_norm_epsilon=math.inf), "'layer_norm_epsilon' must be"),
+    "eps true": (set_config(layer_norm_epsilon=True), "'layer_norm_epsilon' must be a positive"),
+    "eps 'small'": (set_config(layer_norm_epsilon="small"), "'layer_norm_epsilon' must be"),
+    "config a list": (write_config("[2, 4, 64]"), "holds a JSON list"),
+    "config a string": (write_config('"gpt2"'), "holds a JSON str"),
+    "config not JSON": (write_config("{"), "not valid JSON"),
+    "config a FIFO": (_fifo_config, "not a regular file"),
+    "config 17 MB": (_huge_config, "far too large"),
+    # a supported family's config over GPT-2's tensors: the keys that do not fit are named
+    "model_type llama": (set_config(model_type="llama"), "missing keys"),
+    "model_type bert": (set_config(model_type="bert"), "not an architecture resid supports"),
+    "activation relu": (set_config(activation_function="relu"), "activation 'relu'"),
+    "n_inner null": (set_config(n_inner=None), OK),
+    "n_layer absent (GPT2Config's 12)": (lambda f: write_config(json.dumps(
+        {k: v for k, v in _config(f).items() if k != "n_layer"}))(f), "asks for 12 blocks"),  # fmt: skip
+    # weights
+    "int32 weight": (edit_weights(_set("transformer.h.0.ln_1.weight", lambda t: t.int())), "non-floating"),
+    "bool weight": (edit_weights(_set("transformer.ln_f.bias", lambda t: t > 0)), "non-floating"),
+    "NaN weight": (edit_weights(_nan_at("transformer.h.1.attn.c_attn.weight")), "non-finite weights (NaN or Inf) in h.1.attn.c_attn.weight"),
+    "Inf weight": (edit_weights(_nan_at("transformer.ln_f.bias", value=math.inf)), "non-finite weights (NaN or Inf) in ln_f.bias"),
+    "NaN in tied wte/lm_head": (edit_weights(_tied_nan), "non-finite weights (NaN or Inf) in wte.weight"),
+    "lm_head differs": (edit_weights(lambda sd: sd.__setitem__("lm_head.weight", sd["transformer.wte.weight"] + 1)), "differs from wte.weight"),
+    "missing key": (edit_weights(lambda sd: sd.pop("transformer.h.1.mlp.c_fc.bias")), "missing keys (1): h.1.mlp.c_fc.bias"),
+    "extra key": (edit_weights(lambda sd: sd.__setitem__("transformer.h.0.extra", torch.zeros(2))), "unexpected keys (1): h.0.extra"),
+    "mis-shaped key": (edit_weights(_set("transformer.ln_f.weight", torch.ones(65))), "ln_f.weight: expected [64], got [65]"),
+    "prefixed and bare twice": (edit_weights(lambda sd: sd.__setitem__("wte.weight", sd["transformer.wte.weight"].clone())), "twice"),
+    "block index 1e12": (edit_weights(lambda sd: sd.__setitem__("transformer.h.999999999999.ln_1.weight", torch.ones(64))), "unexpected keys"),
+    "truncated safetensors": (_truncate, "not a readable safetensors file"),
+    "safetensors header lies": (_header_lies, "not a readable safetensors file"),
+    # shards
+    "two shards": (shards(["a.safetensors", "b.safetensors"]), OK),
+    "shard ../elsewhere": (shards(["a.safetensors", "../elsewhere/x.safetensors"], _outside), "outside the checkpoint folder"),
+    "shard absolute": (shards(["a.safetensors", "/etc/passwd"], _outside), "must be relative"),
+    "shard /dev/stdin": (shards(["a.safetensors", "/dev/stdin"], _outside), "must be relative"),
+    "shard FIFO": (shards(["a.safetensors", "b.safetensors"], _fifo_shard), "not a regular file"),
+    "shard symlinked outside": (shards(["a.safetensors", "b.safetensors"], _symlink_out), "outside the checkpoint folder"),
+    "shard index weight_map a list": (lambda f: (shards(["a.safetensors"])(f), (f / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')), "no 'weight_map'"),
+    # pickles
+    "bin of a list": (as_bin(lambda sd: list(sd.values())), "holds a list"),
+    "bin with an int key": (as_bin(lambda sd: {**sd, 3: torch.zeros(1)}), "3"),
+    "bin with a string value": (as_bin(lambda sd: {**sd, "transformer.note": "hi"}), "not a tensor"),
+    "bin declaring 2 GB": (_storage_bomb, ""),
+    "bin, valid": (as_bin(lambda sd: sd), OK),
+    # nanoGPT
+    "nanoGPT valid": (nanogpt(), OK_EXACT_GELU),
+    "nanoGPT model_args a list": (nanogpt(args_change=lambda a: list(a.values())), "not a dict of settings"),
+    "nanoGPT n_layer 1e7": (nanogpt(args_change=_args(n_layer=10_000_000)), "asks for 10,000,000 blocks"),
+    "nanoGPT n_head 0": (nanogpt(args_change=_args(n_head=0)), "'n_head' must be a positive integer"),
+    "nanoGPT n_layer '2'": (nanogpt(args_change=_args(n_layer="2")), "'n_layer' must be a positive integer"),
+    "nanoGPT bias 'yes'": (nanogpt(args_change=_args(bias="yes")), "'bias' must be true or false"),
+    "nanoGPT model a list": (nanogpt(model_fn=lambda m: list(m.values())), "not a state dict"),
+    "nanoGPT block_size missing": (nanogpt(args_change=lambda a: {k: v for k, v in a.items() if k != "block_size"}), "'block_size' must be a positive integer"),
+}  # fmt: skip
+
+
+def test_there_are_at_least_40_malformed_variants():
+    assert sum(expect not in (OK, OK_EXACT_GELU) for _, expect in VARIANTS.values()) >= 40
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_malformed_checkpoint(name, tiny_hf, tiny_dir, tmp_path):
+    mutate, expect = VARIANTS[name]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    mutate(folder)
+    start = time.monotonic()
+    if expect in (OK, OK_EXACT_GELU):
+        with torch.no_grad():
+            got = resid.load(folder, device="cpu")(TOKENS)
+            if expect is OK:
+                want = tiny_hf(TOKENS).logits
+            else:
+                cfg = dataclasses.replace(resid.load(tiny_dir, device="cpu").cfg, act_fn="gelu")
+                want = resid.load(tiny_dir, device="cpu", config=cfg)(TOKENS)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        return
+    try:
+        resid.load(folder, device="cpu")
+    except CheckpointError as e:
+        assert expect in str(e), str(e)
+    else:
+        pytest.fail(f"{name}: loaded without a CheckpointError")
+    assert time.monotonic() - start < 10
+
+
+def test_nonfinite_weights_load_with_allow_nonfinite(tiny_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    edit_weights(_tied_nan)(folder)
+    with pytest.warns(UserWarning, match="non-finite weights .* in wte.weight"):
+        model = resid.load(folder, device="cpu", allow_nonfinite=True)
+    assert model.W_E.isnan().sum() == 1
+
+
+BOMB_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import resid
+    from resid import CheckpointError
+    out = {}
+    for path in sys.argv[1:]:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.monotonic()
+        try:
+            resid.load(path, device="cpu")
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        seconds = time.monotonic() - start
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        out[path] = {"seconds": seconds, "extra_rss_mb": extra / 1024, "error": error}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_n_layer_bombs_fail_fast_and_small(tiny_dir, tmp_path):
+    hf_bomb = tmp_path / "hf"
+    shutil.copytree(tiny_dir, hf_bomb)
+    set_config(n_layer=10_000_000)(hf_bomb)
+    nano_bomb = tmp_path / "nano"
+    shutil.copytree(tiny_dir, nano_bomb)
+    nanogpt(args_change=_args(n_layer=10_000_000))(nano_bomb)
+    script = tmp_path / "bomb.py"
+    script.write_text(BOMB_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(hf_bomb), str(nano_bomb / "ckpt.pt")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for path, r in results.items():
+        assert r["error"] and "10,000,000 blocks" in r["error"], (path, r)
+        assert r["seconds"] < 2 and r["extra_rss_mb"] < 200, (path, r)
+    print(json.dumps(results))
+
+
+def test_cli_prints_one_line_for_a_bad_checkpoint(tiny_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    set_config(n_head=0)(folder)
+    for command in ("info", "compare"):
+        done = run_cli(command, folder, "--device", "cpu")
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"resid {command}: error: "), done.stderr
+        assert "'n_head' must be a positive integer" in lines[0] and "config.json" in lines[0]
+
+
+# ---- moved from test_safety.py: nanoGPT's padded vocabulary, compare reads once -------------
+
+
+def test_nanogpt_padded_vocab_uses_gpt2s_tokenizer(tiny_hf, tmp_path):
+    """nanoGPT pads GPT-2's 50257 ids to 50304 for speed: ids below 50257 are GPT-2's."""
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    model = {f"transformer.{k}": v.T.contiguous() if k.endswith(conv1d) else v.clone()
+             for k, v in tiny_hf.transformer.state_dict().items()}  # fmt: skip
+    wte = model["transformer.wte.weight"]
+    model["transformer.wte.weight"] = torch.cat([wte, torch.zeros(50304 - 50257, wte.shape[1])])
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=True, vocab_size=50304)
+    torch.save({"model": model, "model_args": args}, tmp_path / "ckpt.pt")
+    m = resid.load(tmp_path / "ckpt.pt", device="cpu")
+    gpt2 = Tokenizer.gpt2()
+    assert m.to_tokens("Hello world")[0].tolist() == [
+        gpt2.bos_token_id,
+        *gpt2.encode("Hello world"),
+    ]
+    assert m.to_str_tokens("Hello world") == ["<|endoftext|>", "Hello", " world"]
+
+
+def test_compare_reads_a_single_file_once(tiny_dir, monkeypatch):
+    from resid.io import compare as compare_module
+    from resid.io import loading
+
+    opened = []
+    real = checkpoint.read_safetensors
+
+    def counting(path, *a, **k):
+        opened.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "read_safetensors", counting)
+    report = compare_module.compare(str(tiny_dir / "model.safetensors"), device="cpu")
+    assert opened == ["model.safetensors"], opened
+    assert report.ok
+    assert loading.read  # the public reader the comparison goes through
