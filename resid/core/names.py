@@ -136,9 +136,16 @@ _SCALE = ("batch", "pos", "1")
 SITES: dict[str, SiteInfo] = {
     s.path: s
     for s in (
+        SiteInfo("hook_tokens", "tokens", ("batch", "pos"), in_block=False),  # token ids
+        SiteInfo("hook_tokens", "tokens", ("batch", "pos"), in_block=False),  # token ids
         SiteInfo("hook_embed", "embed", _D, in_block=False),
         SiteInfo("hook_pos_embed", "pos_embed", _D, in_block=False),
         SiteInfo("hook_resid_pre", "resid_pre", _D),
+        # each head's copy of the stream attention reads, before ln1 (built when hooked)
+        SiteInfo("hook_attn_in", "attn_in", ("batch", "pos", "head", "d_model")),
+        SiteInfo("hook_q_input", "q_input", ("batch", "pos", "head", "d_model")),
+        SiteInfo("hook_k_input", "k_input", ("batch", "pos", "kv_head", "d_model")),
+        SiteInfo("hook_v_input", "v_input", ("batch", "pos", "kv_head", "d_model")),
         SiteInfo("ln1.hook_scale", None, _SCALE, fp32=True),
         SiteInfo("ln1.hook_normalized", None, _D),
         SiteInfo("attn.hook_q", "q", _QH),
@@ -152,6 +159,7 @@ SITES: dict[str, SiteInfo] = {
         SiteInfo("attn.hook_result", "result", ("batch", "pos", "head", "d_model")),
         SiteInfo("hook_attn_out", "attn_out", _D),
         SiteInfo("hook_resid_mid", "resid_mid", _D),
+        SiteInfo("hook_mlp_in", "mlp_in", _D),  # the stream the MLP reads, before ln2
         SiteInfo("ln2.hook_scale", None, _SCALE, fp32=True),
         SiteInfo("ln2.hook_normalized", None, _D),
         SiteInfo("mlp.hook_pre", "pre", _MLP),
