@@ -111,10 +111,11 @@ class Model(Hooked, WeightViews, nn.Module):
         """Logits for every prefix of the input: row ``i`` predicts token ``i + 1``.
 
         ``input`` is a string, a list of strings (padded on ``padding_side`` and masked, BOS
-        prepended), or token ids ``[batch, pos]`` / ``[pos]`` with an optional
-        ``attention_mask`` (1 at real tokens). Padding is never attended to, and left
-        padding shifts each row's positions so that its first real token is position 0.
-        Logits at padding positions are computed but mean nothing.
+        prepended), token ids ``[batch, pos]`` / ``[pos]`` with an optional
+        ``attention_mask`` (1 at real tokens), or :class:`~resid.core.inputs.Inputs` from
+        ``model.prepare`` (checked once already, so not checked again). Padding is never
+        attended to, and left padding shifts each row's positions so that its first real
+        token is position 0. Logits at padding positions are computed but mean nothing.
 
         ``return_type="loss"`` gives the mean next-token loss over real tokens
         (``loss_per_token=True``: ``[batch, pos - 1]``, 0 where the target is padding).
