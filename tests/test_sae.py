@@ -134,6 +134,9 @@ def test_splice_with_error_term_leaves_logits_unchanged(tiny, tokens, arch):
     x = cache[f"{SITE}.sae.hook_input"]
     recons, error = cache[f"{SITE}.sae.hook_recons"], cache[f"{SITE}.sae.hook_error"]
     assert torch.allclose(recons + error, x, atol=1e-6)
+    # both halves are real: the reconstruction is neither ~0 nor ~x, so the error is not ~0
+    for part in (recons, error):
+        assert (part.norm(dim=-1) / x.norm(dim=-1)).min() > 0.05
     if arch == "topk":
         assert ((acts != 0).sum(-1) <= 16).all()
     assert no_sae_left(tiny, names)

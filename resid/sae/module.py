@@ -341,14 +341,4 @@ class SAE(nn.Module):
         return direct_feature_attribution(self, cache, target, heads=heads)
 
 
-def check_saes(saes: object) -> list[SAE]:
-    """``saes`` (one SAE or several) as a non-empty list of SAEs, or a clear error."""
-    out = (
-        [saes] if isinstance(saes, SAE) else list(saes) if isinstance(saes, (list, tuple)) else None
-    )
-    if not out or not all(isinstance(s, SAE) for s in out):
-        raise TypeError(f"give an SAE or a non-empty list of SAEs, not {saes!r:.80}")
-    return out
-
-
-__all__ = ["SAE", "SAEError", "SUFFIXES", "check_saes"]
+__all__ = ["SAE", "SAEError", "SUFFIXES"]
