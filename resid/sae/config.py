@@ -209,7 +209,10 @@ class SAEConfig:
             raise SAEError(f"{source}: metadata must be an object, not {type(metadata).__name__}")
         if "model_from_pretrained_kwargs" in cfg and "model_from_pretrained_kwargs" not in metadata:
             # before SAELens 6 it sat beside the fields; resid.sae.processing reads it here
-            metadata = {**metadata, "model_from_pretrained_kwargs": cfg["model_from_pretrained_kwargs"]}
+            metadata = {
+                **metadata,
+                "model_from_pretrained_kwargs": cfg["model_from_pretrained_kwargs"],
+            }
         hook_name = metadata.get("hook_name", cfg.get("hook_name", cfg.get("hook_point")))
         head = metadata.get("hook_head_index", cfg.get("hook_head_index"))
         if head is not None:
