@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import chromium
 import pytest
@@ -12,9 +13,10 @@ import torch
 
 import resid.harvest as H
 from resid.cli import main
+from resid.core import files
 from resid.core.files import ForeignFilesError
 from resid.harvest import ActivationStore
-from resid.viz.dashboard import write_dashboard
+from resid.viz.dashboard import _slugs, write_dashboard
 
 SITE = "blocks.1.mlp.hook_post"
 HOSTILE = "<script>alert(1)</script>\"'&<img src=x onerror=alert(2)>"
@@ -158,3 +160,25 @@ def test_sae_feature_pages(tiny, tmp_path):
     m = tiny.cfg.d_mlp
     assert f"<tr><td>L{best // m}N{best % m}</td><td>{ncos[best].item():+.3f}</td></tr>" in page
     assert "Logit effect" in page
+
+
+def test_sites_that_would_share_a_folder_get_their_own(harvested, tmp_path):
+    """A site named twice gets one folder (it was `File exists`), and names that clean up
+    to the same folder name, or to a hidden one, get distinct visible folders."""
+    out, n = write_dashboard(harvested, tmp_path / "d", sites=[SITE, SITE], units="0-1",
+                             progress=False)  # fmt: skip
+    assert n == 2 and sorted(p.name for p in out.iterdir()) == [SITE, "index.html", files.MANIFEST]
+    slugs = _slugs(["a b", "a_b", "A_B", "..", ".hidden", "x/../y"])
+    assert len(set(slugs.values())) == 6
+    assert not any(s.startswith(".") or "/" in s for s in slugs.values()), slugs
+    assert slugs["a b"] == "a_b" and slugs["a_b"] == "a_b_2" and slugs["A_B"] == "A_B_3"
+
+
+def test_a_harvest_without_statistics_or_finished_run_is_a_clear_error(harvested, tmp_path):
+    copy = tmp_path / "h"
+    shutil.copytree(harvested, copy)
+    manifest = json.loads((copy / "resid-manifest.json").read_text())
+    manifest["harvest"]["status"] = "running"
+    (copy / "resid-manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(H.HarvestError, match="unfinished harvest.*--resume"):
+        write_dashboard(copy, tmp_path / "d", progress=False)
