@@ -30,9 +30,16 @@ before the SAE gives the same estimates spliced or not. (SAELens computes its er
 under ``no_grad``, so there the gradient below the SAE passes through its features only.)
 
 Subclasses. The computation is split so that a dictionary reading one site and writing
-another (a transcoder, with an optional linear skip) can reuse it: ``_encode`` (input ->
-activations), ``_decode`` (activations -> output), ``splice_hook`` (the forward hook) and
-``hook_points``; a subclass overrides the last two and ``check_fits``.
+another (a transcoder: reads ``ln2``'s input, writes ``hook_mlp_out``, with an optional
+linear skip ``x @ W_skip``) can reuse it: ``cfg.shapes()`` (its parameters; ``W_dec`` and
+``b_dec`` in the output space), ``_encode`` (input -> activations, ``b_dec`` not
+subtracted), ``_decode`` (activations -> output), ``write_matrix`` (what attribution and
+patching read), and the splice: ``hook_points``, ``check_fits`` and ``splice_hook``.
+Features, direct feature attribution and feature patching read only the
+``resid.sae.features.Dictionary`` protocol, so they work on such a subclass as they are.
+What a transcoder adds is a second hook (record the input at the read site, replace the
+output at the write site, keeping ``output - recons`` as the error term); ``Model.saes``
+attaches one hook per spliced module today, at ``hook_name``.
 """
 
 from __future__ import annotations
