@@ -1,11 +1,14 @@
 """KV-cached generation against a full-recompute loop written here, and against Hugging
 Face's ``generate`` on the same weights."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import hf_with
+
+import resid
 
 from resid.core.generation import next_token_distribution, stream
 
@@ -84,6 +87,36 @@ def test_per_row_stop_at_eos_matches_transformers(tiny, tiny_hf):
     text = tiny.generate(PROMPTS, 20, temperature=0, stop_at_eos=True, eos_token_id=eos)
     # text: the prompt and what came before the EOS
     assert text[0] == tiny.to_string(tiny.to_tokens(PROMPTS[0])[0, 1:].tolist() + new[:2])
+
+
+def test_generation_stops_at_eos_by_default_as_transformers_does(tiny, tiny_hf):
+    """No stop_at_eos: the EOS (here one the first row reaches early) ends a row, as in
+    transformers' default generate; stop_at_eos=False generates every token asked for."""
+    hf = hf_with(tiny_hf, "eager")
+    tokens, mask = tiny.to_tokens(PROMPTS, padding_side="left", return_attention_mask=True)
+    free = tiny.generate(tokens, 12, temperature=0, attention_mask=mask, stop_at_eos=False)
+    eos = free[0, tokens.shape[1] + 1].item()  # row 0's second new token
+    ours = tiny.generate(tokens, 12, temperature=0, attention_mask=mask, eos_token_id=eos)
+    ref = hf.generate(tokens, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
+                      pad_token_id=50256, eos_token_id=eos)  # fmt: skip
+    assert ours.tolist() == ref.tolist()
+    assert ours[0, tokens.shape[1] + 2 :].tolist() == [50256] * 10  # row 0 finished
+    going = tiny.generate(tokens, 12, temperature=0, attention_mask=mask, eos_token_id=eos,
+                          stop_at_eos=False)  # fmt: skip
+    assert torch.equal(going, free)
+    # GPT-2's own EOS is the default: a prompt ending in it would stop at once if emitted
+    assert tiny.tokenizer.eos_token_id == 50256
+
+
+def test_default_stop_needs_no_tokenizer_but_an_explicit_one_does(tiny):
+    cfg = dataclasses.replace(tiny.cfg, d_vocab=97)
+    model = resid.Model(cfg)  # a vocabulary of its own: no tokenizer, no EOS
+    prompt = torch.tensor([[1, 2, 3]])
+    assert model.generate(prompt, 5, temperature=0).shape == (1, 8)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(prompt, 5, temperature=0, stop_at_eos=True)
+    with pytest.raises(TypeError, match="stop_at_eos"):
+        model.generate(prompt, 5, temperature=0, stop_at_eos="yes")
 
 
 def test_sampling_is_seeded_reproducible_and_leaves_global_rng(tiny):
