@@ -9,7 +9,6 @@ import torch
 from conftest import hf_with
 
 import resid
-
 from resid.core.generation import next_token_distribution, stream
 
 PROMPTS = ["The Eiffel Tower is in", "Hi", "Once upon a time, in a land far"]
