@@ -456,3 +456,33 @@ def test_missing_files_and_offline_hub(tmp_path, monkeypatch):
         SAEError, match="could not get the SAE 'blocks.8.hook_resid_pre'.*local cache"
     ):
         resid.sae.load("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.8.hook_resid_pre")
+
+
+# ---- the old import path ---------------------------------------------------------------
+
+
+OLD_NAMES = ["SAE", "Feature", "FeatureCircuit", "SAEConfig", "SAEError", "attribute_features",
+             "feature_circuit", "load", "patch_features", "save", "site_width", "ARCHITECTURES",
+             "NORMALISATIONS", "Architecture", "CFG_FILE", "WEIGHTS_FILE"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_every_name_of_the_old_module_still_imports_with_a_warning(name):
+    import importlib
+
+    import resid.sae as new
+
+    old = importlib.import_module("resid.interventions.sae")
+    with pytest.warns(DeprecationWarning, match=f"resid.sae.{name}"):
+        obj = getattr(old, name)
+    where = {"ARCHITECTURES": new.config, "NORMALISATIONS": new.config, "Architecture": new.config,
+             "CFG_FILE": new.files, "WEIGHTS_FILE": new.files}.get(name, new)  # fmt: skip
+    assert obj is getattr(where, name)
+    assert name in old.__all__ or name.isupper() or name == "Architecture"
+
+
+def test_site_width_of_the_old_module(tiny):
+    assert resid.sae.site_width(tiny, "blocks.0.attn.hook_z") == 64  # heads flattened
+    assert resid.sae.site_width(tiny, "blocks.0.mlp.hook_post") == 256
+    assert resid.sae.site_width(tiny, "blocks.0.attn.hook_pattern") is None
+    assert resid.sae.site_width(tiny, "blocks.0.attn.hook_z", "none") is None

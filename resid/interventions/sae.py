@@ -24,6 +24,7 @@ _MOVED = {
     "save": "resid.sae.files",
     "site_width": "resid.sae.sites",
     "ARCHITECTURES": "resid.sae.config",
+    "Architecture": "resid.sae.config",
     "NORMALISATIONS": "resid.sae.config",
     "CFG_FILE": "resid.sae.files",
     "WEIGHTS_FILE": "resid.sae.files",

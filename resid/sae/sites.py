@@ -19,13 +19,17 @@ from resid.core.protocols import ModelLike
 from resid.sae.config import SAEError
 
 
-def site_width(model: ModelLike, name: str, reshape: str = "none") -> int | None:
-    """The width of the vector an SAE at hook ``name`` of ``model`` reads (heads flattened
-    with ``reshape="hook_z"``), or ``None`` where resid does not splice SAEs.
+def site_width(model: ModelLike, name: str, reshape: str | None = None) -> int | None:
+    """The width of the vector an SAE at hook ``name`` of ``model`` reads (a per-head
+    site's heads flattened, unless ``reshape="none"`` says they are not), or ``None`` where
+    resid does not splice SAEs.
 
     >>> site_width(model, "blocks.0.hook_resid_pre") == model.cfg.d_model
     True
     """
+    site = names.info(name)
+    if reshape is None:
+        reshape = "hook_z" if site is not None and site.per_head else "none"
     try:
         check_fits(model, name, None, reshape, "an SAE")
     except SAEError:
