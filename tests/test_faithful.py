@@ -506,7 +506,8 @@ def test_nested_dataclass_hooks_detach_by_identity(tiny, tokens):
 
 def test_backward_hooks_see_autograds_gradients(tiny, tokens):
     """At every site, in one forward: a forward hook keeps the activation (in the graph),
-    a backward hook records its gradient, and ``torch.autograd.grad`` computes it."""
+    a backward hook records its gradient, and ``torch.autograd.grad`` computes it (every
+    site but the token ids, integers with no gradient)."""
     acts, grads = {}, {}
 
     def keep(act, hook):
@@ -515,7 +516,7 @@ def test_backward_hooks_see_autograds_gradients(tiny, tokens):
     def keep_grad(grad, hook):
         grads[hook.name] = grad.clone()
 
-    everything = lambda n: True  # noqa: E731
+    everything = lambda n: n != "hook_tokens"  # noqa: E731
     loss = tiny.run_with_hooks(
         tokens,
         return_type="loss",
@@ -524,7 +525,7 @@ def test_backward_hooks_see_autograds_gradients(tiny, tokens):
     )
     assert attached(tiny) == []  # backward hooks stay with the graph, not the model
     names = list(acts)
-    assert sorted(names) == sorted(tiny.hook_names)
+    assert sorted(names) == sorted(n for n in tiny.hook_names if n != "hook_tokens")
     expected = torch.autograd.grad(loss, [acts[n] for n in names], retain_graph=True)
     loss.backward()
     tiny.zero_grad(set_to_none=True)
@@ -566,7 +567,9 @@ def test_incl_bwd_gradients_equal_transformers_autograd(tiny, tiny_hf, tokens):
         torch.testing.assert_close(got, want_resid, atol=1e-6, rtol=1e-4)
         got = cache[f"blocks.{layer}.attn.hook_pattern_grad"]
         torch.testing.assert_close(got, want_pattern, atol=1e-6, rtol=1e-4)
-    names = [n for n in tiny.hook_names if not n.endswith("hook_result")]
+    # the default cache: every site but the per-head results and inputs, and the token ids
+    left_out = ("hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+    names = [n for n in tiny.hook_names if not n.endswith(left_out) and n != "hook_tokens"]
     assert sorted(k for k in cache if k.endswith("_grad")) == sorted(f"{n}_grad" for n in names)
 
 

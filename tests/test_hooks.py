@@ -16,7 +16,7 @@ def test_every_site_has_transformer_lens_name_and_shape(tiny, tokens):
     b, p, (d, h, e, m) = 3, 17, (64, 4, 16, 256)
     expected = {
         "hook_embed": (b, p, d), "hook_pos_embed": (b, p, d), "ln_final.hook_scale": (b, p, 1),
-        "ln_final.hook_normalized": (b, p, d),
+        "ln_final.hook_normalized": (b, p, d), "hook_tokens": (b, p),
     }  # fmt: skip
     for layer in range(2):
         for name, shape in {
@@ -26,7 +26,8 @@ def test_every_site_has_transformer_lens_name_and_shape(tiny, tokens):
             "attn.hook_z": (b, p, h, e), "attn.hook_result": (b, p, h, d), "hook_attn_out": (b, p, d),
             "hook_resid_mid": (b, p, d), "ln2.hook_scale": (b, p, 1), "ln2.hook_normalized": (b, p, d),
             "mlp.hook_pre": (b, p, m), "mlp.hook_post": (b, p, m), "hook_mlp_out": (b, p, d),
-            "hook_resid_post": (b, p, d),
+            "hook_resid_post": (b, p, d), "hook_attn_in": (b, p, h, d), "hook_q_input": (b, p, h, d),
+            "hook_k_input": (b, p, h, d), "hook_v_input": (b, p, h, d), "hook_mlp_in": (b, p, d),
         }.items():  # fmt: skip
             expected[f"blocks.{layer}.{name}"] = shape
     assert {k: tuple(v.shape) for k, v in cache.items()} == expected

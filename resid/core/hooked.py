@@ -60,6 +60,45 @@ class Hooked:
         with hooks.attached(self.hook_dict, fwd_hooks, bwd_hooks):
             yield self
 
+    def add_hook(
+        self,
+        name: str | NameFilter | Iterable[str],
+        hook: hooks.HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+    ) -> None:
+        """Attach ``hook`` to the sites ``name`` picks until ``reset_hooks()``, in this
+        thread or task only (TransformerLens' ``add_hook``). A permanent hook also stays
+        past ``reset_hooks()``; ``reset_hooks(including_permanent=True)`` removes it.
+        ``dir="bwd"`` makes it a backward hook, which sees the gradient.
+
+        >>> model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: x * 0, is_permanent=True)
+        >>> model.reset_hooks(including_permanent=True)
+        """
+        hooks.add(self.hook_dict, name, hook, dir, is_permanent)
+
+    def add_perma_hook(self, name: str | NameFilter, hook: hooks.HookFn, dir: str = "fwd") -> None:
+        """``add_hook(..., is_permanent=True)``."""
+        hooks.add(self.hook_dict, name, hook, dir, True)
+
+    def reset_hooks(self, including_permanent: bool = False, direction: str = "both") -> None:
+        """Remove every hook on this model's sites in this thread or task (those of
+        enclosing ``with model.hooks(...)`` blocks too), except permanent ones unless
+        ``including_permanent``."""
+        hooks.reset(self.hook_dict, including_permanent, direction)
+
+    def list_hooks(self) -> list[tuple[str, str, hooks.HookFn, bool]]:
+        """``(site, "fwd" | "bwd", fn, is_permanent)`` for every hook attached in this
+        thread or task, in the order they run.
+
+        >>> [(site, d) for site, d, fn, perm in model.list_hooks()]
+        """
+        return hooks.listed(self.hook_dict)
+
+    def has_hooks(self, including_permanent: bool = True) -> bool:
+        """Whether any hook is attached to this model in this thread or task."""
+        return any(including_permanent or not p for *_, p in self.list_hooks())
+
     def attached_hooks(self) -> list[str]:
         """The sites with hooks attached in the caller's context (by an enclosing
         ``with model.hooks(...)``)."""
@@ -176,8 +215,9 @@ class Hooked:
     ) -> tuple[Tensor, ActivationCache]:
         """Forward, keeping the activations at the sites ``names_filter`` picks.
 
-        ``None`` caches every site except the per-head ``attn.hook_result`` (name it, or
-        pass a filter, to get it). The output is exactly ``model(input)``'s: what is
+        ``None`` caches every site except the per-head ``attn.hook_result``, attention's
+        per-head inputs (``hook_attn_in``, ``hook_q_input``, ...) and ``hook_tokens`` (name
+        them, or pass a filter, to get them). The output is exactly ``model(input)``'s: what is
         cached is computed beside the forward pass. ``device`` and ``dtype`` say where and
         how the cache keeps its tensors (patterns and scales are fp32 unless ``dtype`` is
         given). With padding, ``cache.attention_mask`` marks the real tokens; activations at
@@ -196,7 +236,8 @@ class Hooked:
         store: dict[str, Tensor] = {}
 
         def keep(name: str, t: Tensor) -> None:
-            store[name] = t.detach().to(device=device or t.device, dtype=dtype or t.dtype)
+            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype  # not ids
+            store[name] = t.detach().to(device=device or t.device, dtype=cast)
 
         def save(act: Tensor, hook: HookPoint) -> None:
             keep(hook.name, act)
@@ -227,11 +268,17 @@ class Hooked:
         return out, ActivationCache(store, self, attention_mask=mask)
 
 
+# sites the default cache leaves out: built only when asked for, one copy of the stream
+# per head (the result, attention's per-head inputs), or not activations (the token ids)
+_NOT_BY_DEFAULT = ("result", "attn_in", "q_input", "k_input", "v_input", "tokens")
+
+
 def _all_but_head_results(name: str) -> bool:
     """``run_with_cache``'s default filter: every site but the per-head ``attn.hook_result``
-    (``[batch, pos, head, d_model]``, built only when asked for)."""
+    (``[batch, pos, head, d_model]``, built only when asked for), attention's per-head
+    inputs (``hook_attn_in``, ``hook_q_input``, ...) and ``hook_tokens``."""
     site = names.info(name)
-    return site is None or site.short != "result"
+    return site is None or site.short not in _NOT_BY_DEFAULT
 
 
 def _check_device(device: torch.device | str | None) -> torch.device | None:

@@ -119,30 +119,40 @@ class HookPoint(nn.Module):
             return seen, not unchanged
         return out, True
 
-    def _check(self, fn: HookFn, new: object, x: torch.Tensor) -> None:
+    def layer(self) -> int:
+        """The block this site belongs to (``blocks.3.attn.hook_z`` -> 3), as in
+        TransformerLens; a ``ValueError`` for sites outside the blocks."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"'{self.name}' is not inside a block: it has no layer")
+        return int(parts[1])
+
+    def _check(self, fn: HookFn, new: object, x: torch.Tensor, what: str = "activation") -> None:
         if not isinstance(new, torch.Tensor):
             raise TypeError(
                 f"{_describe(fn)} on '{self.name}' returned {type(new).__name__}: return a tensor "
-                f"of shape {tuple(x.shape)}, or None to leave the activation as it is"
+                f"of shape {tuple(x.shape)}, or None to leave the {what} as it is"
             )
-        for what, got, want in (
+        for prop, got, want in (
             ("shape", tuple(new.shape), tuple(x.shape)),
             ("dtype", new.dtype, x.dtype),
             ("device", new.device, x.device),
         ):
             if got != want:
                 raise ValueError(
-                    f"{_describe(fn)} on '{self.name}' returned a tensor of {what} {got}, but the "
-                    f"activation there has {what} {want}: return one like the activation "
-                    f"(e.g. out.to(act)), or None to leave it"
+                    f"{_describe(fn)} on '{self.name}' returned a tensor of {prop} {got}, but the "
+                    f"{what} there has {prop} {want}: return one like the {what} "
+                    f"(e.g. out.to({'grad' if what == 'gradient' else 'act'})), or None to leave it"
                 )
 
     def _run_bwd(self, fns: tuple[HookFn, ...], grad: torch.Tensor) -> torch.Tensor | None:
         out = grad
         for fn in fns:
             new = fn(out, self)
+            if isinstance(new, tuple) and len(new) == 1:  # TransformerLens allows (grad,)
+                new = new[0]
             if new is not None:
-                self._check(fn, new, grad)
+                self._check(fn, new, grad, "gradient")
                 out = new
         return None if out is grad else out
 
@@ -211,6 +221,83 @@ def attached(
             else:
                 table.pop(key, None)
         _ATTACHED.set(MappingProxyType(table))
+
+
+# the (hook point, direction) and function of every hook added with is_permanent=True in
+# this context: reset() leaves them unless asked
+_PERMANENT: ContextVar[tuple[tuple[tuple[HookPoint, str], HookFn], ...]] = ContextVar(
+    "resid_permanent_hooks", default=()
+)
+_DIRS = ("fwd", "bwd")
+
+
+def add(
+    hook_points: dict[str, HookPoint],
+    name_or_filter: str | NameFilter | Iterable[str],
+    fn: HookFn,
+    dir: str = "fwd",
+    is_permanent: bool = False,
+) -> None:
+    """Attach ``fn`` in the current context until :func:`reset` (TransformerLens'
+    ``add_hook``): it stays past the ``with`` blocks and ``run_with_hooks`` calls that
+    follow, in this thread or task only. ``is_permanent=True``: it also stays past
+    ``reset()``, until ``reset(including_permanent=True)``."""
+    if dir not in _DIRS:
+        raise ValueError(
+            f"dir must be 'fwd' or 'bwd' (a backward hook sees the gradient), not {dir!r}"
+        )
+    plan = _plan(hook_points, [(name_or_filter, fn)], dir)
+    table = dict(_ATTACHED.get())
+    for key, f in plan:
+        table[key] = (*table.get(key, ()), f)
+    _ATTACHED.set(MappingProxyType(table))
+    if is_permanent:
+        _PERMANENT.set(_PERMANENT.get() + tuple(plan))
+
+
+def _is_permanent(key: tuple[HookPoint, str], fn: HookFn) -> bool:
+    return any(k == key and f is fn for k, f in _PERMANENT.get())
+
+
+def reset(
+    hook_points: dict[str, HookPoint], including_permanent: bool = False, direction: str = "both"
+) -> None:
+    """Detach, in the current context, every hook on ``hook_points`` (those of enclosing
+    ``with`` blocks too, as TransformerLens' ``reset_hooks`` does), except permanent ones
+    unless ``including_permanent``."""
+    if direction not in (*_DIRS, "both"):
+        raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', not {direction!r}")
+    ours = set(hook_points.values())
+    table = dict(_ATTACHED.get())
+    for key in list(table):
+        hp, d = key
+        if hp not in ours or direction not in (d, "both"):
+            continue
+        kept = tuple(f for f in table[key] if not including_permanent and _is_permanent(key, f))
+        if kept:
+            table[key] = kept
+        else:
+            del table[key]
+    _ATTACHED.set(MappingProxyType(table))
+    if including_permanent:
+        _PERMANENT.set(
+            tuple(
+                p
+                for p in _PERMANENT.get()
+                if not (p[0][0] in ours and direction in (p[0][1], "both"))
+            )
+        )
+
+
+def listed(hook_points: dict[str, HookPoint]) -> list[tuple[str, str, HookFn, bool]]:
+    """``(site, "fwd" | "bwd", fn, is_permanent)`` for every hook on ``hook_points`` in
+    the current context, in the order they run."""
+    table = _ATTACHED.get()
+    out = []
+    for name, hp in hook_points.items():
+        for d in _DIRS:
+            out += [(name, d, f, _is_permanent((hp, d), f)) for f in table.get((hp, d), ())]
+    return out
 
 
 def any_attached(hook_points: Iterable[HookPoint]) -> list[str]:

@@ -303,13 +303,17 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         mask: Mask = Mask(),
         kv: KVStore | None = None,
+        qkv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention of the new positions ``x`` over the keys of ``kv`` (earlier positions,
-        then extended with these) and their own, as ``mask`` allows."""
+        then extended with these) and their own, as ``mask`` allows. ``qkv``: the queries,
+        keys and values ``[batch, pos, heads, d_head]`` when the block computed them itself
+        (from per-head inputs: ``hook_q_input`` and its siblings)."""
         batch, pos, _ = x.shape
-        qkv = affine(x, self.W_QKV, self.b_QKV)
-        q, k, v = (self.hook_q, self.hook_k, self.hook_v)
-        q, k, v = q(self._part(qkv, 0)), k(self._part(qkv, 1)), v(self._part(qkv, 2))
+        if qkv is None:
+            fused = affine(x, self.W_QKV, self.b_QKV)
+            qkv = (self._part(fused, 0), self._part(fused, 1), self._part(fused, 2))
+        q, k, v = self.hook_q(qkv[0]), self.hook_k(qkv[1]), self.hook_v(qkv[2])
         if self.rotary is not None:
             cos, sin = self.rotary.angles(mask.positions(pos, x.device))
             q = self.hook_rot_q(self.rotary(q, cos, sin))
@@ -417,11 +421,18 @@ class Block(nn.Module):
         self.parallel = cfg.parallel_attn_mlp
         # registered in the order the forward pass reaches them, so hook_names reads in order
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        # the stream attention reads, per head, before ln1 (TransformerLens' split inputs):
+        # built only when hooked; see read_attention
+        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model]
+        self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model]
         self.ln1 = norm(cfg)
         self.attn = Attention(cfg, layer)
         self.hook_attn_out = HookPoint()
         if not self.parallel:
             self.hook_resid_mid = HookPoint()
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]: the stream the MLP reads
         self.ln2 = norm(cfg)
         self.mlp = MLP(cfg)
         self.hook_mlp_out = HookPoint()
@@ -435,8 +446,8 @@ class Block(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         if self.parallel:
             resid_pre = self.hook_resid_pre(resid)
-            attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, kv))
-            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_pre)))
+            attn_out = self.hook_attn_out(self.read_attention(resid_pre, mask, kv))
+            mlp_out = self.hook_mlp_out(self.read_mlp(resid_pre))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         return self.feed(self.attend(resid, mask, kv))
 
@@ -448,15 +459,68 @@ class Block(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """resid_pre -> resid_mid: the attention half of a sequential block."""
         resid_pre = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, kv))
+        attn_out = self.hook_attn_out(self.read_attention(resid_pre, mask, kv))
         return self.hook_resid_mid(resid_pre + attn_out)
 
     def feed(
         self, resid_mid: Float[Tensor, "batch pos d_model"]
     ) -> Float[Tensor, "batch pos d_model"]:
         """resid_mid -> resid_post: the MLP half of a sequential block."""
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_out = self.hook_mlp_out(self.read_mlp(resid_mid))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def read_mlp(
+        self, resid: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The MLP's output on the stream it reads (``hook_mlp_in``, a copy when hooked so
+        that an edit there leaves the residual stream alone)."""
+        if self.hook_mlp_in.active:
+            resid = self.hook_mlp_in(resid.clone())
+        return self.mlp(self.ln2(resid))
+
+    def read_attention(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        mask: Mask = Mask(),
+        kv: KVStore | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention's output on the stream it reads. Unhooked, ``attn(ln1(resid))``. With
+        ``hook_attn_in`` (each head's copy of the stream) or ``hook_q_input`` /
+        ``hook_k_input`` / ``hook_v_input`` (each head's input to one projection) hooked,
+        those are built; while no hook changes them the queries, keys and values stay the
+        fused kernel's, bit for bit. Once one is changed, every head's q, k and v are
+        computed from its own normalised input (``ln1`` without its hooks, per head)."""
+        sites = (self.hook_attn_in, self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if not any(s.active for s in sites):
+            return self.attn(self.ln1(resid), mask, kv)
+        cfg = self.attn.cfg
+        group = cfg.n_heads // cfg.kv_heads
+        attn_in, changed = self.hook_attn_in.see(
+            resid[:, :, None].expand(-1, -1, cfg.n_heads, -1).clone()
+        )
+        inputs = []
+        for site, heads in ((self.hook_q_input, slice(None)), (self.hook_k_input, slice(None, None, group)), (self.hook_v_input, slice(None, None, group))):  # fmt: skip
+            x = attn_in[:, :, heads]
+            x, edited = site.see(x.clone() if site.active else x)
+            inputs.append(x)
+            changed |= edited
+        # observed only but a backward hook wants the gradient: the values stay the fused
+        # kernel's; the gradient reaches each head's input through its own ln1, ln1's hooks
+        # through the shared output (a leaf of its own), and the stream once, via attn_in
+        grad = not changed and any(s.grad_wanted for s in sites)
+        normalized = self.ln1(resid.detach().requires_grad_() if grad else resid)
+        fused = affine(normalized, self.attn.W_QKV, self.attn.b_QKV)
+        qkv = tuple(self.attn._part(fused, i) for i in range(3))
+        if changed or grad:
+            weights = ((self.attn.W_Q, self.attn.b_Q), (self.attn.W_K, self.attn.b_K), (self.attn.W_V, self.attn.b_V))  # fmt: skip
+            per_head = []
+            for x, (W, b) in zip(inputs, weights, strict=True):
+                n = self.ln1.plain(x)
+                if not changed:  # the shared value, with each head's own gradient to x
+                    n = normalized[:, :, None] + (n - n.detach())
+                per_head.append(einsum(n, W, "b p h d, h d e -> b p h e") + b)
+            qkv = tuple(per_head) if changed else tuple(map(through, qkv, per_head))
+        return self.attn(normalized, mask, kv, qkv=qkv)
 
 
 class KVStore:

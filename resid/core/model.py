@@ -57,6 +57,7 @@ class Model(Hooked, WeightViews, nn.Module):
         self.cfg = cfg = cfg or Config()
         self._tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.hook_tokens = HookPoint()  # [batch, pos]: the token ids (a hook may swap them)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional == "learned":
             self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
@@ -147,6 +148,8 @@ class Model(Hooked, WeightViews, nn.Module):
             )
         attn_mask = Mask(offset, full)
         if tokens is not None:
+            if self.hook_tokens.active:  # a copy: a hook never edits the caller's tensor
+                tokens = self.hook_tokens(tokens.clone())
             resid = self.embed(tokens, attn_mask.positions(shape[1], self.device))
         else:
             resid = input

@@ -137,7 +137,6 @@ SITES: dict[str, SiteInfo] = {
     s.path: s
     for s in (
         SiteInfo("hook_tokens", "tokens", ("batch", "pos"), in_block=False),  # token ids
-        SiteInfo("hook_tokens", "tokens", ("batch", "pos"), in_block=False),  # token ids
         SiteInfo("hook_embed", "embed", _D, in_block=False),
         SiteInfo("hook_pos_embed", "pos_embed", _D, in_block=False),
         SiteInfo("hook_resid_pre", "resid_pre", _D),
