@@ -3,6 +3,7 @@ process against two (gloo), SIGKILL + --resume against a clean run, and bad inpu
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -634,3 +635,22 @@ def test_the_model_is_recorded_absolute_and_the_dashboard_runs_from_elsewhere(
     assert main(["dashboard", str(moved), "--out", str(tmp_path / "e"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "--no-model" in err, err
+
+
+@pytest.mark.parametrize(
+    "old, new, names",
+    [
+        ("resid.io.harvest", "resid.harvest",
+         ["harvest", "load_stats", "read_harvest", "iter_shards", "HarvestError", "UnitStats",
+          "init_distributed", "default_edges"]),
+        ("resid.io.corpus", "resid.harvest.corpus",
+         ["Corpus", "CorpusError", "contexts", "open_corpus"]),
+        ("resid.io.activation_store", "resid.harvest", ["ActivationStore"]),
+    ],
+)  # fmt: skip
+def test_the_old_import_paths_still_work_and_name_the_new_place(old, new, names):
+    sys.modules.pop(old, None)  # import it afresh, so its warning is seen here
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    for name in names:
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)
