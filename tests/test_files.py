@@ -355,3 +355,18 @@ def test_ctrl_c_between_the_renames_never_leaves_nothing(tiny, tmp_path, monkeyp
     monkeypatch.undo()
     assert sorted(p.name for p in out.glob("L*")) == ["L0H1.html"], "the new output must be there"
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_sae_save_files_are_readable_by_the_group(tiny, tmp_path):
+    """safetensors writes through mkstemp (0o600); replace_folder gives every file the
+    umask's mode, so an SAE saved on a shared filesystem is readable by the group."""
+    from resid.sae import SAE, SAEConfig, save
+
+    sae = SAE(SAEConfig(d_in=tiny.cfg.d_model, d_sae=8, hook_name="blocks.0.hook_resid_pre"))
+    old = os.umask(0o022)
+    try:
+        save(sae, tmp_path / "sae")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "sae").iterdir()}
+    assert len(modes) >= 3 and all(m == 0o644 for m in modes.values()), modes
