@@ -35,6 +35,7 @@ from resid.core import files, names
 from resid.core.neuron import Neuron
 from resid.harvest import store
 from resid.harvest.errors import HarvestError
+from resid.viz.plots import parse_indices
 
 if TYPE_CHECKING:
     from resid.core.model import Model
@@ -106,35 +107,13 @@ def _page(title: str, body: str, script: str = "") -> str:
 
 
 def _parse_units(spec: str | Sequence[int] | None, n: int) -> list[int]:
-    if spec is None:
-        return list(range(n))
-    if not isinstance(spec, str):
-        units = sorted({int(u) for u in spec})
-    else:
-        units = set()
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            lo, _, hi = part.partition("-")
-            try:
-                a, b = int(lo), int(hi) if hi else int(lo)
-            except ValueError:
-                raise ValueError(
-                    f"--units takes numbers and ranges like 0-99,120, not {part!r}"
-                ) from None
-            if a > b:
-                raise ValueError(f"--units range {part!r} runs backwards")
-            if a < 0 or b >= n:  # checked before the range is expanded
-                raise ValueError(f"--units {part!r} is outside [0, {n})")
-            units.update(range(a, b + 1))
-        units = sorted(units)
-    bad = [u for u in units if not 0 <= u < n]
-    if bad:
-        raise ValueError(f"units {bad[:5]} are outside [0, {n})")
-    if not units:
-        raise ValueError(f"--units selects no unit in [0, {n})")
-    return units
+    """``--units`` (``"0-99,120"``, a list, or None for all) as sorted unit indices of a site
+    with ``n`` units (:func:`resid.viz.plots.parse_indices`, naming the flag)."""
+    try:
+        return parse_indices(spec if spec is None or isinstance(spec, str) else list(spec), n,
+                             "unit")  # fmt: skip
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--units {spec!r} for a site of {n} units: {e}") from None
 
 
 # ---- pieces of a unit page -------------------------------------------------------------
