@@ -174,3 +174,107 @@ def test_new_sites_are_named_and_left_out_of_the_default_cache(tiny, tokens):
     assert "blocks.0.hook_mlp_in" in cache
     assert not any(k.endswith(("attn_in", "_input", "hook_tokens")) for k in cache)
     torch.testing.assert_close(cache["blocks.0.hook_mlp_in"], cache["blocks.0.hook_resid_mid"])
+
+
+# ---- cache helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both_caches(tiny, tiny_hf):
+    """(resid's cache, TransformerLens' cache) of the same run on the same weights."""
+    pytest.importorskip("transformer_lens")
+    from resid.io.references import transformer_lens_bridge
+
+    bridge = transformer_lens_bridge(tiny_hf)
+    bridge.set_use_attn_result(True)
+    tokens = tiny.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, theirs = bridge.run_with_cache(tokens)
+        _, ours = tiny.run_with_cache(tokens)
+    return ours, theirs
+
+
+def close(a, b) -> float:
+    """|Δ| over resid.io.compare's fp32 tolerance (1e-4 + 1e-5 max |b|): below 1 is within."""
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a - b).abs().max() / (1e-4 + 1e-5 * b.abs().max())).item()
+
+
+def test_short_keys_as_transformer_lens(both_caches):
+    ours, theirs = both_caches
+    for key in [("pattern", 1), ("resid_pre", -1), ("q", 0, "attn"), ("scale", 1, "ln1"),
+                ("normalized", 0, "ln2"), ("post", 1), "embed", ("resid_post", 1), ("z", -2)]:  # fmt: skip
+        assert close(ours[key], theirs[key]) < 1, key
+    assert torch.equal(ours["pattern", 1], ours["blocks.1.attn.hook_pattern"])
+    assert ("pattern", 0) in ours and ("nothing", 0) not in ours and "resid_pre" not in ours
+
+
+@pytest.mark.parametrize("apply_ln", [False, True])
+def test_stacks_equal_transformer_lens(both_caches, apply_ln):
+    ours, theirs = both_caches
+    kw = dict(return_labels=True, apply_ln=apply_ln)
+    cases = {
+        "heads": (ours.stack_head_results(-1, pos_slice=-1, incl_remainder=True, **kw),
+                  theirs.stack_head_results(-1, pos_slice=-1, incl_remainder=True, **kw)),
+        "heads into 1": (ours.stack_head_results(1, **kw), theirs.stack_head_results(1, **kw)),
+        "neurons": (ours.stack_neuron_results(2, pos_slice=(2, 6), neuron_slice=(0, 10), **kw),
+                    theirs.stack_neuron_results(2, pos_slice=(2, 6), neuron_slice=(0, 10), **kw)),
+        "accumulated": (ours.accumulated_resid(None, incl_mid=True, **kw),
+                        theirs.accumulated_resid(None, incl_mid=True, **kw)),
+        "accumulated into 1": (ours.accumulated_resid(1, mlp_input=True, **kw),
+                               theirs.accumulated_resid(1, mlp_input=True, **kw)),
+    }  # fmt: skip
+    for expand in (True, False):
+        for layer, mlp_input in ((None, False), (1, True), (1, False), (0, False)):
+            args = dict(layer=layer, mlp_input=mlp_input, expand_neurons=expand, **kw)
+            cases[f"full {args}"] = (
+                ours.get_full_resid_decomposition(**args),
+                theirs.get_full_resid_decomposition(**args),
+            )
+    for name, ((a, la), (b, lb)) in cases.items():
+        assert la == lb, name
+        assert close(a, b) < 1, name
+
+
+def test_stack_laws_and_labelled(both_caches, tiny):
+    ours, _ = both_caches
+    final = ours["resid_post", -1]
+    for expand in (True, False):
+        parts = ours.get_full_resid_decomposition(expand_neurons=expand)
+        assert parts.axes == ("component", "batch", "pos", "d_model")
+        torch.testing.assert_close(parts.sum(), final, atol=1e-4, rtol=0)
+        into = ours.get_full_resid_decomposition(1, mlp_input=True, expand_neurons=expand)
+        torch.testing.assert_close(into.sum(), ours["resid_mid", 1], atol=1e-4, rtol=0)
+    # applying the norm's scale to every part sums to the normalised stream (before the gain)
+    scaled = ours.get_full_resid_decomposition(1, apply_ln=True, expand_neurons=False)
+    torch.testing.assert_close(scaled.sum(), ours["normalized", 1, "ln1"], atol=1e-4, rtol=0)
+    heads = ours.stack_head_results(pos_slice=-1)
+    assert heads.axes == ("component", "batch", "d_model") and heads.labels[5] == "L1H1"
+    assert torch.equal(heads["L1H1"], ours.head_results(1)[:, -1, 1])
+    pattern = ours.stack_activation("pattern")
+    assert pattern.axes[0] == "layer" and torch.equal(pattern.values[1], ours["pattern", 1])
+    neurons = ours.stack_neuron_results(1, neuron_slice=[3, 7])
+    assert neurons.labels == ["L0N3", "L0N7"]
+    want = ours["post", 0][..., 3, None] * tiny.blocks[0].mlp.W_out[3].detach()
+    torch.testing.assert_close(neurons["L0N3"], want)
+
+
+def test_slices_remove_batch_dim_and_to(tiny, tokens):
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens)
+        _, sliced = tiny.run_with_cache(tokens, pos_slice=(2, 5), batch_slice=[0, 2])
+    assert sliced["resid_pre", 1].shape == (2, 3, 64)
+    assert torch.equal(sliced["resid_pre", 1], cache["resid_pre", 1][[0, 2], 2:5])
+    assert torch.equal(sliced["pattern", 0], cache["pattern", 0][[0, 2], :, 2:5])
+    assert torch.equal(sliced["q", 1], cache["q", 1][[0, 2], 2:5])
+    one = cache.apply_slice_to_batch_dim((1, 2)).remove_batch_dim()
+    assert not one.has_batch_dim and one["resid_pre", 0].shape == (17, 64)
+    assert torch.equal(one["scale", 0, "ln1"], cache["scale", 0, "ln1"][1])
+    last = cache.apply_slice_to_pos_dim(-1)
+    assert last["resid_post", 1].shape == (3, 64) and last["pattern", 1].shape == (3, 4, 17)
+    with pytest.raises(ValueError, match="batch of one"):
+        cache.remove_batch_dim()
+    moved = cache.to("cpu")
+    assert moved is not cache and torch.equal(moved["embed"], cache["embed"])

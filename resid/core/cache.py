@@ -24,12 +24,14 @@ from einops import einsum
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from resid.core import stacking
 from resid.core.decompose import contributions
 from resid.core.hooks import unknown_hook_error
 from resid.core.labelled import Labelled
-from resid.core.lens import accumulated_resid, logit_attribution, logit_lens
-from resid.core.names import act_name, locate
+from resid.core.lens import logit_attribution, logit_lens
+from resid.core.names import act_name, info, locate
 from resid.core.protocols import ModelLike
+from resid.core.stacking import SliceInput, apply_slice
 from resid.core.stream import ResidualStream
 
 
@@ -46,12 +48,22 @@ class ActivationCache(Mapping[str, Tensor]):
         store: Mapping[str, Tensor],
         model: ModelLike,
         attention_mask: Bool[Tensor, "batch pos"] | None = None,
+        has_batch_dim: bool = True,
     ):
         self._store = store
         self.model = model
         self.attention_mask = attention_mask  # True at real tokens; None: no padding
+        self.has_batch_dim = has_batch_dim  # False after remove_batch_dim()
 
-    def __getitem__(self, name: str) -> Tensor:
+    def __getitem__(self, name: str | tuple) -> Tensor:
+        """By hook name, or as TransformerLens: a short name (``cache["embed"]``) or
+        ``(name, layer[, layer_type])`` (``cache["pattern", 3]``, ``cache["q", 2, "attn"]``,
+        ``cache["scale", 4, "ln1"]``; a negative layer counts from the end)."""
+        if not (isinstance(name, str) and name in self._store):
+            try:
+                name = stacking.key_name(self.model, name)
+            except (KeyError, ValueError) as e:
+                raise KeyError(str(e.args[0] if e.args else e)) from None
         if name not in self._store:
             if name in self.model.hook_dict:
                 raise KeyError(f"'{name}' was not cached: add it to run_with_cache's names_filter")
@@ -152,11 +164,95 @@ class ActivationCache(Mapping[str, Tensor]):
         layer: int | None = None,
         incl_mid: bool = False,
         apply_ln: bool = False,
+        pos_slice: SliceInput = None,
+        mlp_input: bool = False,
         return_labels: bool = False,
     ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
-        """Each layer's ``resid_pre`` up to ``layer``, then the final stream (TransformerLens'
-        meaning); ``apply_ln`` recomputes ``ln_final`` on each. See ``resid.core.lens``."""
-        return accumulated_resid(self, layer, incl_mid, apply_ln, return_labels)
+        """Each layer's ``resid_pre`` up to ``layer`` (``incl_mid``: and ``resid_mid``), then
+        the final stream, with TransformerLens' meaning and labels: ``apply_ln`` recomputes
+        ``ln_final`` on each into the unembedding, else scales by that layer's cached norm
+        scale. A tensor (``return_labels``: and the labels). See ``resid.core.stacking``."""
+        stack, labels = stacking.accumulated_resid(
+            self, layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels=True
+        )
+        return (stack, labels) if return_labels else stack
+
+    # ---- TransformerLens' stacks (resid.core.stacking): Labelled, or (tensor, labels) ----
+
+    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False, pos_slice: SliceInput = None, apply_ln: bool = False):  # fmt: skip
+        """Every head's result before ``layer``, ``"L{l}H{h}"``: see ``resid.core.stacking``.
+
+        >>> cache.stack_head_results(pos_slice=-1).top(3)
+        """
+        return stacking.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)  # fmt: skip
+
+    def stack_activation(self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None) -> Labelled:  # fmt: skip
+        """``self[activation_name, l]`` for each layer before ``layer``, stacked."""
+        return stacking.stack_activation(self, activation_name, layer, sublayer_type)
+
+    def stack_neuron_results(self, layer: int | None = -1, pos_slice: SliceInput = None, neuron_slice: SliceInput = None, return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False):  # fmt: skip
+        """Every neuron's write before ``layer``, ``"L{l}N{i}"``: see ``resid.core.stacking``."""
+        return stacking.stack_neuron_results(self, layer, pos_slice, neuron_slice, return_labels, incl_remainder, apply_ln)  # fmt: skip
+
+    def apply_ln_to_stack(self, residual_stack: Tensor, layer: int | None = None, mlp_input: bool = False, pos_slice: SliceInput = None, batch_slice: SliceInput = None, has_batch_dim: bool = True, recompute_ln: bool = False) -> Tensor:  # fmt: skip
+        """Parts of a stream as the norm reading it sees them: see ``resid.core.stacking``."""
+        return stacking.apply_ln_to_stack(self, residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln)  # fmt: skip
+
+    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False, expand_neurons: bool = True, apply_ln: bool = False, pos_slice: SliceInput = None, return_labels: bool = False):  # fmt: skip
+        """Heads, neurons (or MLPs), embeddings and biases summing to the stream entering
+        ``layer``, TransformerLens' labels: see ``resid.core.stacking``."""
+        return stacking.get_full_resid_decomposition(self, layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels)  # fmt: skip
+
+    # ---- slicing and moving (new caches; this one is left as it is) --------------------
+
+    def apply_slice_to_batch_dim(self, batch_slice: SliceInput) -> ActivationCache:
+        """A cache of the prompts ``batch_slice`` picks (an int drops the batch axis).
+
+        >>> cache.apply_slice_to_batch_dim((0, 2))       # the first two prompts
+        """
+        return self._sliced(batch_slice, None)
+
+    def apply_slice_to_pos_dim(self, pos_slice: SliceInput) -> ActivationCache:
+        """A cache of the positions ``pos_slice`` picks (for patterns and scores: the query
+        positions; an int drops the axis)."""
+        return self._sliced(None, pos_slice)
+
+    def _sliced(self, batch_slice: SliceInput, pos_slice: SliceInput) -> ActivationCache:
+        if not self.has_batch_dim and batch_slice is not None:
+            raise ValueError("this cache has no batch axis to slice (remove_batch_dim was applied)")
+        batch_axis = 0 if self.has_batch_dim else None
+        out = {}
+        for name, t in self._store.items():
+            site = info(name.removesuffix("_grad"))
+            pos = site.pos_axis if site is not None else 1
+            pos -= batch_axis is None
+            if pos_slice is not None:
+                t = apply_slice(t, pos_slice, pos)
+            if batch_slice is not None:
+                t = apply_slice(t, batch_slice, 0)
+            out[name] = t
+        mask = self.attention_mask
+        if mask is not None:
+            mask = apply_slice(apply_slice(mask, pos_slice, 1), batch_slice, 0)
+            mask = mask if mask.dim() == 2 else None
+        keeps_batch = self.has_batch_dim and not isinstance(batch_slice, int)
+        return ActivationCache(out, self.model, attention_mask=mask, has_batch_dim=keeps_batch)
+
+    def remove_batch_dim(self) -> ActivationCache:
+        """The cache of a single prompt without its batch axis (TransformerLens'
+        ``remove_batch_dim``), as a new cache; a ``ValueError`` for a batch of several."""
+        if not self.has_batch_dim:
+            return self
+        sizes = {t.shape[0] for t in self._store.values() if t.dim() > 0}
+        if sizes != {1}:
+            raise ValueError(f"remove_batch_dim needs a batch of one prompt, not {sorted(sizes)}")
+        return self._sliced(0, None)
+
+    def to(self, device: torch.device | str) -> ActivationCache:
+        """The same activations on ``device``, as a new cache."""
+        store = {name: t.to(device) for name, t in self._store.items()}
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return ActivationCache(store, self.model, mask, self.has_batch_dim)
 
     def logit_lens(
         self, layer: int | None = None, return_labels: bool = False

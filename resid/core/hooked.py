@@ -26,6 +26,7 @@ from resid.core.cache import ActivationCache
 from resid.core.hooks import HookPoint, Hooks, NameFilter
 from resid.core.inputs import Input, Inputs, prepare
 from resid.core.protocols import Spliceable
+from resid.core.stacking import SliceInput
 
 # id(model) -> the hook points of the SAEs spliced into it in this context (thread or task),
 # as hooks are kept: a splice is visible where it was made, and in contexts copied from there
@@ -211,6 +212,8 @@ class Hooked:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         incl_bwd: bool = False,
+        pos_slice: SliceInput = None,
+        batch_slice: SliceInput = None,
         **forward_kwargs,
     ) -> tuple[Tensor, ActivationCache]:
         """Forward, keeping the activations at the sites ``names_filter`` picks.
@@ -224,7 +227,9 @@ class Hooked:
         padding positions are left as computed, and resid's statistics exclude them.
         ``incl_bwd=True`` also calls ``backward()`` on the output (which must be a
         scalar, e.g. ``return_type="loss"``) and caches each site's gradient as
-        ``"{name}_grad"``, as TransformerLens does.
+        ``"{name}_grad"``, as TransformerLens does. ``pos_slice`` / ``batch_slice`` keep
+        only those positions / prompts in the cache (TransformerLens' slices; see
+        ``ActivationCache.apply_slice_to_pos_dim``); the output is the whole run's.
 
         >>> logits, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre"])
         """
@@ -265,7 +270,10 @@ class Hooked:
                         "pass return_type='loss'"
                     )
                 out.backward()
-        return out, ActivationCache(store, self, attention_mask=mask)
+        cache = ActivationCache(store, self, attention_mask=mask)
+        if pos_slice is not None or batch_slice is not None:
+            cache = cache._sliced(batch_slice, pos_slice)
+        return out, cache
 
 
 # sites the default cache leaves out: built only when asked for, one copy of the stream

@@ -178,11 +178,11 @@ def logit_attribution(
     >>> dla.sum()[0, -1]               # == logits[0, -1, paris]
     """
     model = cache.model
-    ref = next(iter(cache.values()), None)
+    ref = next((t for t in cache.values() if t.is_floating_point()), None)  # not token ids
     if ref is None:
         raise KeyError("this cache is empty: run_with_cache(..., names_filter=None) caches enough")
     u = unembed_direction(model, target, ref.shape[0]).to(ref)
-    rms = model.cfg.normalization == "RMS"  # RMSNorm divides by the scale without centring
+    rms = model.cfg.normalization in ("RMS", "RMSPre")  # no centring, no bias
     direction = readout_direction(model, u)
     parts = contributions(
         cache, None, "final", heads=heads, per_neuron=per_neuron, direction=direction
