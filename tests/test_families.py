@@ -365,3 +365,141 @@ def test_attribution_and_path_patching(family):
         )
     got = path_patch(model, corrupted, cache, metric, senders=[sender], receivers="logits")
     assert abs(float(got) - float(by_hand)) < 1e-4, name
+
+
+# ---- loading: from_hf, hostile configs, tokenizers, fp8 ----------------------------------
+
+
+def test_from_hf_matches_and_leaves_the_weights_alone(family):
+    """``from_hf`` (the entry point GGUF and in-memory weights use) gives Hugging Face's
+    logits; the caller's tensors are neither modified nor shared with the model."""
+    from resid.io.loading import from_hf
+
+    name = family[0]
+    hf = randomise(FAMILIES[name]())  # fresh: other tests wrap the shared one (the bridge)
+    weights = hf.state_dict()
+    before = {k: v.clone() for k, v in weights.items()}
+    model = from_hf(hf.config.to_dict(), weights, source=f"{name} in memory", device="cpu")
+    with torch.no_grad():
+        ref = hf(TOKENS).logits
+        assert (model(TOKENS) - ref).abs().max() < 1e-4, name
+        for p in model.parameters():
+            p.add_(1.0)  # editing the model ...
+    for k, v in weights.items():  # ... leaves the caller's tensors as they were
+        assert torch.equal(v, before[k]), (name, k)
+
+
+def test_from_hf_in_bfloat16_matches_a_bfloat16_load(family):
+    from resid.io.loading import from_hf
+
+    name, _, _, folder = family
+    hf = randomise(FAMILIES[name]())  # the same weights as the saved folder's
+    a = from_hf(hf.config.to_dict(), hf.state_dict(), source=name, dtype=torch.bfloat16)
+    b = resid.load(folder, device="cpu", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in a.parameters())
+    with torch.no_grad():
+        assert torch.equal(a(TOKENS), b(TOKENS)), name
+
+
+BOMB_SCRIPT = """
+import json, resource, sys, time
+import resid
+resid.load(sys.argv[1], device="cpu")  # warm: first-call imports are not the loader's cost
+out = []
+for folder in sys.argv[2:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    try:
+        resid.load(folder, device="cpu")
+        error = None
+    except resid.CheckpointError as e:
+        error = str(e)
+    out.append({"folder": folder, "seconds": time.monotonic() - start, "error": error,
+                "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
+print(json.dumps(out))
+"""
+# every config number that sizes a table, a tuple or a tensor, at a value no machine holds
+BOMBS = {
+    "layers 1e9": lambda n: {n: 10**9},
+    "layers 1e7, local attention listed": lambda n: {n: 10**7, "attention_layers": ["local"] * 3},
+    "width 1e12": lambda n: {"hidden_size": 10**12},
+    "vocabulary 1e12": lambda n: {"vocab_size": 10**12},
+    "context 1e15": lambda n: {"max_position_embeddings": 10**15},
+    "mlp 1e12": lambda n: {"intermediate_size": 10**12},
+    "kv heads 1e9": lambda n: {"num_key_value_heads": 10**9},
+    "window 1e12 over 1e9 layers": lambda n: {n: 10**9, "sliding_window": 10**12,
+                                              "use_sliding_window": True, "max_window_layers": 0},
+}  # fmt: skip
+
+
+def test_size_bombs_fail_fast_and_small(tmp_path):
+    """A config whose numbers would size huge tables is refused with a CheckpointError in
+    well under a second and without a large allocation, in every family (issue 20)."""
+    import subprocess
+    import sys
+
+    folders = [str(tmp_path / "llama")]
+    for name, make in FAMILIES.items():
+        hf = make()
+        base = tmp_path / name
+        hf.save_pretrained(base)
+        good = json.loads((base / "config.json").read_text())
+        layers_key = "num_layers" if name == "gpt_neo" else "num_hidden_layers"
+        for label, change in BOMBS.items():
+            folder = tmp_path / f"{name}-{label.replace(' ', '_')}"
+            folder.mkdir()
+            (folder / "model.safetensors").symlink_to(base / "model.safetensors")
+            (folder / "config.json").write_text(json.dumps(good | change(layers_key)))
+            folders.append(str(folder))
+    done = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, *folders], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in json.loads(done.stdout.strip().splitlines()[-1]):
+        # a number that sizes a tensor must meet the weights' shapes; GPT-Neo and Pythia have
+        # no key/value head count and rotary families no table of positions: those may load
+        sizing = ("layers", "width", "vocabulary", "mlp")
+        assert r["error"] or not any(w in r["folder"] for w in sizing), r
+        assert r["seconds"] < 1.0 and r["extra_mb"] < 100, r
+        if "layers" in r["folder"]:
+            assert "blocks but the weights hold 2" in r["error"], r
+
+
+def test_a_broken_tokenizer_is_a_checkpoint_error(family, tmp_path):
+    """A tokenizer.json that does not parse: resid.load raises CheckpointError naming the
+    file, and `resid info` prints one line, not a traceback."""
+    import subprocess
+    import sys
+
+    name, _, _, folder = family
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (broken / f).symlink_to(folder / f)
+    (broken / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        resid.load(broken, device="cpu")
+    done = subprocess.run([sys.executable, "-m", "resid", "info", str(broken), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert "tokenizer.json" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_weights_load(family, tmp_path, fp8):
+    """fp8 checkpoints load (the finiteness check works on them), into the dtype asked,
+    with the logits of the same fp8 values held by Hugging Face in float32."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    name, hf, _, folder = family
+    sd = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    for sub, weights in (("fp8", {k: v.to(fp8) for k, v in sd.items()}),
+                         ("rounded", {k: v.to(fp8).float() for k, v in sd.items()})):  # fmt: skip
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text((folder / "config.json").read_text())
+        safetensors.torch.save_file(weights, str(tmp_path / sub / "model.safetensors"))
+    model = resid.load(tmp_path / "fp8", device="cpu", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "rounded").eval()
+    with torch.no_grad():
+        assert (model(TOKENS) - ref(TOKENS).logits).abs().max() < 1e-4, name

@@ -649,3 +649,154 @@ def test_compare_reads_a_single_file_once(tiny_dir, monkeypatch):
     assert opened == ["model.safetensors"], opened
     assert report.ok
     assert loading.read  # the public reader the comparison goes through
+
+
+# ---- names and paths (issue 24) ------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any call to the hub fails the test: a path must never be sent there."""
+    import huggingface_hub
+
+    def refuse(*a, **k):
+        raise AssertionError(f"sent to the hub: {a}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
+@pytest.mark.parametrize("name", ["./missing", "../missing", "/nowhere/missing", "~/missing",
+                                  "models/missing", "out/run1/ckpt.pt", "weights.safetensors"])  # fmt: skip
+def test_paths_are_never_sent_to_the_hub(name, no_hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as err:
+        resid.load(name, device="cpu")
+    msg = str(err.value)
+    looked = Path(os.path.abspath(Path(name).expanduser()))
+    assert f"no file or folder at {looked}" in msg
+    assert f"python scripts/make_tiny_gpt2.py {name}" in msg
+
+
+def test_an_existing_folder_named_like_a_hub_model_is_read_locally(
+    tiny_dir, tmp_path, no_hub, monkeypatch
+):
+    (tmp_path / "openai-community").mkdir()
+    shutil.copytree(tiny_dir, tmp_path / "openai-community" / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    assert resid.load("openai-community/gpt2", device="cpu").cfg.n_layers == 2
+
+
+def test_hub_errors_mention_hf_hub_offline_only_when_it_is_set(monkeypatch):
+    """With the variable unset, the advice is not to unset it; the stand-in script is named."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*a, **k):
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    for offline in (None, "1"):
+        if offline is None:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        with pytest.raises(CheckpointError) as err:
+            resid.load("gpt2-medium", device="cpu")
+        msg = str(err.value)
+        assert ("HF_HUB_OFFLINE" in msg) == (offline is not None), msg
+        assert "python scripts/make_tiny_gpt2.py DIR" in msg and "gpt2-medium" in msg
+
+
+def test_moved_names_warn_and_still_work(tiny):
+    from resid.io import families, loading
+
+    for name, new in (("gpt2_shapes", "resid.io.families.gpt2"),
+                      ("BLOCK_NAMES", "resid.io.families.gpt2"),
+                      ("MAX_JSON_BYTES", "resid.io.checkpoint")):  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(loading, name)
+    with pytest.warns(DeprecationWarning):
+        shapes = loading.gpt2_shapes(tiny.cfg)
+    assert shapes["h.0.attn.c_attn.weight"] == (64, 192) and len(shapes) == 4 + 12 * 2
+    for name in (
+        "SUPPORTED",
+        "supported",
+        "family_of",
+        "config_from_hf",
+        "strip_prefix",
+        "to_resid",
+    ):
+        assert getattr(families, name)
+    cfg = families.config_from_hf({"model_type": "llama", "hidden_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4})  # fmt: skip
+    assert (cfg.normalization, cfg.n_layers, cfg.architecture) == ("RMS", 2, "llama")
+
+
+# ---- lean loading --------------------------------------------------------------------------
+
+LEAN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch, resid
+    def status(key):  # bytes
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    resid.load(sys.argv[2], device="cpu")  # warm: imports, first calls
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from now
+    now = status("VmRSS")
+    model = resid.load(sys.argv[1], device="cpu", dtype=torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"peak_over_start": status("VmHWM") - now, "bf16_bytes": weights,
+                      "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
+    """
+)
+
+
+def test_a_bfloat16_load_never_holds_the_float32_checkpoint(tiny_dir, tmp_path):
+    """The law of a lean load: peak memory over the start ≤ 1.15 × the bf16 weights + 20 MB
+    for a float32 checkpoint of 120 MB. Converting the whole checkpoint first (or holding
+    it in float32 once) would need at least 120 MB + 60 MB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=512, vocab_size=56000, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    size = (tmp_path / "llama" / "model.safetensors").stat().st_size
+    assert size > 110e6
+    done = subprocess.run([sys.executable, "-c", LEAN_SCRIPT, str(tmp_path / "llama"), str(tiny_dir)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["dtypes"] == ["torch.bfloat16"]
+    assert r["peak_over_start"] <= 1.15 * r["bf16_bytes"] + 20e6, r
+    print(r)
+
+
+def test_editing_a_loaded_model_never_changes_its_file(tiny_dir, tmp_path, tokens):
+    """Weights already in the dtype asked are views of the file's private mapping (no copy):
+    writing to them must stay in memory."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    before = (folder / "model.safetensors").read_bytes()
+    model = resid.load(folder, device="cpu")
+    with torch.no_grad():
+        ref = model(tokens)
+        for p in model.parameters():
+            p.mul_(2.0)
+    assert (folder / "model.safetensors").read_bytes() == before
+    with torch.no_grad():
+        torch.testing.assert_close(resid.load(folder, device="cpu")(tokens), ref, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_load_equals_the_cpu_load(tiny_dir, tokens, dtype):
+    gpu = resid.load(tiny_dir, device="cuda", dtype=dtype)
+    cpu = resid.load(tiny_dir, device="cpu", dtype=dtype)
+    assert all(p.device.type == "cuda" and p.dtype == dtype for p in gpu.parameters())
+    for (n, a), (_, b) in zip(gpu.named_parameters(), cpu.named_parameters(), strict=True):
+        assert torch.equal(a.cpu(), b), n
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(tokens.cuda()).float().cpu(), cpu(tokens).float(),
+                                   atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)  # fmt: skip

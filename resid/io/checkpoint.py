@@ -49,14 +49,15 @@ SAFETENSORS_DTYPES = {
 class Stored:
     """One tensor of a checkpoint: its shape and dtype (from the header) and a way to
     get at its data. ``view()`` is the stored data itself (a view of a memory-mapped file
-    where it can be); ``release()`` drops its pages from memory once it has been copied.
+    where it can be); ``release(offset, nbytes)`` drops its pages (all, or that byte range
+    of it) from memory once they have been copied.
     ``mapped``: the view is of a private (copy-on-write) mapping of a file, which a model
     may keep as its parameter without a copy; anything else is copied."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     fetch: Callable[[], Tensor]
-    release: Callable[[], None] = lambda: None
+    release: Callable[..., None] = lambda offset=0, nbytes=None: None
     mapped: bool = False
 
     def view(self) -> Tensor:
@@ -272,13 +273,14 @@ class _Mapping:
 
         return fetch
 
-    def releaser(self, start: int, nbytes: int) -> Callable[[], None]:
-        def release() -> None:
+    def releaser(self, start: int, nbytes: int) -> Callable[..., None]:
+        def release(offset: int = 0, length: int | None = None) -> None:
             if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
                 return
             page = mmap.PAGESIZE
-            first = -(-start // page) * page  # whole pages of this tensor only
-            last = (start + nbytes) // page * page
+            begin = start + offset
+            end = start + (nbytes if length is None else min(nbytes, offset + length))
+            first, last = -(-begin // page) * page, end // page * page  # whole pages only
             if last > first:
                 self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from resid.core.config import Config
 from resid.io.checkpoint import Stored
 from resid.io.errors import CheckpointError
-from resid.io.families.common import NON_WEIGHTS, Family, Param, copied, transposed
+from resid.io.families.common import NON_WEIGHTS, Family, Param, Piece, copied, transposed
 
 SHOWN = 12  # keys listed per kind of problem
 
@@ -27,12 +27,14 @@ def normalise(entries: dict[str, Stored], family: Family, source) -> dict[str, S
     """Keys without ``_orig_mod.`` (torch.compile) and the family's base-model prefix;
     non-weight buffers dropped. A key present with and without a prefix is refused."""
     out: dict[str, Stored] = {}
+    renamed = dict(family.renamed)
     for key, value in entries.items():
         name = key.removeprefix("_orig_mod.")
         for prefix in family.prefixes:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
+        name = renamed.get(name, name)
         if NON_WEIGHTS.search(name):
             continue
         if name in out:
@@ -86,10 +88,15 @@ def check(entries: dict[str, Stored], cfg: Config, family: Family, source) -> di
 
 
 def _finite(t: Tensor) -> bool:
-    """No NaN or Inf: one summation pass, the exact test only when the sum overflows."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    """No NaN or Inf: one summation in the tensor's own dtype (no float32 copy of it), and
+    the exact test, a few million entries at a time, only when the sum is not finite."""
+    if t.numel() == 0:
         return True
-    return bool(torch.isfinite(t).all())
+    if t.dtype.itemsize > 1 and bool(torch.isfinite(t.sum())):
+        return True
+    rows = max(1, (1 << 22) // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(c if c.dtype.itemsize > 1 else c.float()).all())
+               for c in t.split(rows))  # fmt: skip
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -113,6 +120,26 @@ def _alias(param: Param, entries: dict[str, Stored], dtype, device) -> Tensor | 
     if not stored.mapped or stored.dtype != dtype or piece.write not in ALIASES:
         return None
     return ALIASES[piece.write](stored.view(), param.shape)
+
+
+CHUNK = 8 << 20  # bytes of a mapped tensor read (and released) at a time
+
+
+def _write(piece: Piece, out: Tensor, stored: Stored) -> None:
+    """``piece.write(out, …)``; a large mapped tensor stored in resid's layout (or its
+    transpose) is copied a few megabytes of rows at a time, each chunk's pages released
+    before the next is read, so that its source never sits in memory whole."""
+    src = stored.view()
+    if not (stored.mapped and piece.write in ALIASES and src.dim() and stored.nbytes > CHUNK):
+        piece.write(out, src)
+        stored.release()
+        return
+    target = out.view(src.shape) if piece.write is copied else out.view(src.shape[::-1]).T
+    row = stored.nbytes // src.shape[0]
+    step = max(1, CHUNK // max(1, row))
+    for a in range(0, src.shape[0], step):
+        target[a : a + step].copy_(src[a : a + step])
+        stored.release(a * row, step * row)
 
 
 def convert(
@@ -140,9 +167,7 @@ def convert(
             if not param.pieces:
                 out.zero_()
             for piece in param.pieces:
-                stored = entries[piece.key]
-                piece.write(out, stored.view())
-                stored.release()
+                _write(piece, out, entries[piece.key])
         if not _finite(out):
             nonfinite += [
                 p.key for p in param.pieces if not _finite(entries[p.key].view().to(dtype))

@@ -236,7 +236,8 @@ class Family:
     ``config(hf, where, held)`` reads the config (``held``: the blocks the weights hold,
     compared before anything is sized); ``params(cfg)`` maps each resid parameter to its
     pieces; ``embed`` is the embedding's key and ``tied`` the key of an unembedding that,
-    when present in a tied model, must equal it."""
+    when present in a tied model, must equal it; ``renamed``: other names ``transformers``
+    gives a key in memory (GPT-NeoX's ``lm_head.weight`` is ``embed_out.weight`` on disk)."""
 
     model_type: str
     architecture: str
@@ -246,6 +247,7 @@ class Family:
     params: Callable[[Config], dict[str, Param]]
     embed: str
     tied: str | None = "lm_head.weight"
+    renamed: tuple[tuple[str, str], ...] = ()  # (another name a key goes by, the name used)
 
     def held(self, keys) -> int:
         """How many blocks the weights hold (one past the highest block index)."""

@@ -73,4 +73,5 @@ def params(cfg: Config) -> dict[str, common.Param]:
 
 
 NEOX = common.Family("gpt_neox", "GPTNeoXForCausalLM", ("gpt_neox.",), "layers", config, params,
-              "embed_in.weight", tied="embed_out.weight")  # fmt: skip
+              "embed_in.weight", tied="embed_out.weight",
+                     renamed=(("lm_head.weight", "embed_out.weight"),))  # fmt: skip
