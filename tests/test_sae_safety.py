@@ -121,10 +121,12 @@ KILL_SCRIPT = textwrap.dedent(
                 return name
         return "neither"
 
-    resid.sae.save(saes["a"], folder)
-    start = time.monotonic()
-    resid.sae.save(saes["b"], folder)
-    seconds = time.monotonic() - start
+    times = []
+    for name in ("a", "b", "a", "b"):  # the typical time of one save (the median of three)
+        start = time.monotonic()
+        resid.sae.save(saes[name], folder)
+        times.append(time.monotonic() - start)
+    seconds = sorted(times[1:])[1]
     rng = random.Random(1234)
     results = []
     for i in range(trials):
@@ -161,7 +163,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new(tmp_path):
     bad = [r for r in results if r["old"] not in "ab" or r["found"] not in (r["old"], r["new"])]
     assert bad == [], bad
     kept = sum(r["found"] == r["old"] for r in results)
-    assert 0 < kept < 20 or report["save_seconds"] < 0.01  # kills landed before and after
+    assert kept >= 1  # some kills landed before the new SAE was in place (the point)
     print(f"sae save took {report['save_seconds']:.3f} s; kept old {kept}, got new {20 - kept}")
 
 
@@ -186,6 +188,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new(tmp_path):
         ("blocks.1.attn.hook_pattern", {}, r"'blocks.1.attn.hook_pattern'.*not one vector"),
         ("blocks.1.attn.hook_attn_scores", {}, r"hook_attn_scores.*not one vector"),
         ("ln_final.hook_scale", {"d_in": 1}, r"'ln_final.hook_scale'.*not one vector"),
+        ("hook_tokens", {"d_in": 1}, r"'hook_tokens'.*not one vector"),
         ("blocks.1.mlp.hook_post", {}, r"d_in=64.*'blocks.1.mlp.hook_post'.*width 256"),
     ],
 )

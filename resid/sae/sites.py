@@ -51,7 +51,7 @@ def check_fits(model: ModelLike, name: str, d_in: int | None, reshape: str, what
             "read: use a residual-stream, attention-output, MLP or hook_z site (resid.act_name "
             "spells them)"
         )
-    if not site.per_token or site.axes[-1] == "1":
+    if not site.per_token or site.axes[-1] in ("1", "batch", "pos"):
         raise SAEError(
             f"{what} is for '{name}', which holds {', '.join(site.axes[1:])} (not one vector "
             "per token): an SAE cannot be spliced there; use a residual-stream, "
