@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from resid.core.model import Model
+from resid.io.gguf import load_gguf
 from resid.io.loading import build, read
-from resid.io.references import hf_reference, transformer_lens_bridge
+from resid.io.references import hf_gguf_reference, hf_reference, transformer_lens_bridge
 
 DEFAULT_PROMPTS = [
     "Hello world, the Eiffel Tower is in",
@@ -107,8 +109,11 @@ def compare(
     dtype: torch.dtype = torch.float32,
 ) -> Report:
     """Load ``source`` into resid and into every installed reference; compare their logits."""
-    ckpt = read(source)  # read once: the references get the same tensors
-    model: Model = build(ckpt, device=device, dtype=dtype)
+    gguf = str(source).endswith(".gguf")  # each library reads a GGUF file itself
+    ckpt = None if gguf else read(source)  # read once: the references get the same tensors
+    model: Model = (
+        load_gguf(source, dtype, device) if gguf else build(ckpt, device=device, dtype=dtype)
+    )
     device = str(model.device)
     tokens = model.to_tokens(prompts or DEFAULT_PROMPTS)
     ours = model(tokens)
@@ -128,7 +133,10 @@ def compare(
     if importlib.util.find_spec("transformers") is None:
         report.skipped.append("transformers (pip install 'resid[compare]')")
         return report
-    hf = hf_reference(source, model.cfg, device, dtype, weights=ckpt.weights)
+    if gguf:
+        hf = hf_gguf_reference(source, device, dtype)
+    else:
+        hf = hf_reference(source, model.cfg, device, dtype, weights=ckpt.weights)
     for attn in ("eager", "sdpa"):
         hf.set_attn_implementation(attn)
         ref = hf(tokens).logits
@@ -138,12 +146,16 @@ def compare(
         return report
     # the bridge wraps the HF model it is given in place, so it gets that one, last
     gpt2 = model.cfg.architecture == "gpt2"
-    if not gpt2 and not (ckpt.folder and (ckpt.folder / "config.json").is_file()):
+    if gguf and not gpt2:  # a GGUF has no config.json: the bridge reads transformers' config
+        with tempfile.TemporaryDirectory(prefix="resid-compare-") as config:
+            hf.config.save_pretrained(config)
+            bridge = transformer_lens_bridge(hf, device, copy=False, config_from=config)
+    elif not gpt2 and not (ckpt.folder and (ckpt.folder / "config.json").is_file()):
         report.skipped.append("TransformerLens bridge (it needs the checkpoint's config.json)")
         return report
-    bridge = transformer_lens_bridge(
-        hf, device, copy=False, config_from="gpt2" if gpt2 else str(ckpt.folder)
-    )
+    else:
+        config_from = "gpt2" if gpt2 else str(ckpt.folder)
+        bridge = transformer_lens_bridge(hf, device, copy=False, config_from=config_from)
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
     # hook_result is off in the bridge unless enabled; compare every site it caches by default
     shared = [

@@ -43,6 +43,17 @@ def hf_reference(
     return hf.to(device).eval()
 
 
+def hf_gguf_reference(path, device: str, dtype: torch.dtype):
+    """A GGUF file as transformers loads it with its own GGUF reader."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).resolve()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return hf.to(device).eval()
+
+
 def hf_tokenizer():
     """GPT-2's tokenizer as a transformers object, from the files bundled with resid."""
     import importlib.resources
