@@ -278,3 +278,96 @@ def test_slices_remove_batch_dim_and_to(tiny, tokens):
         cache.remove_batch_dim()
     moved = cache.to("cpu")
     assert moved is not cache and torch.equal(moved["embed"], cache["embed"])
+
+
+# ---- model conveniences ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tl_bridge(tiny_hf):
+    pytest.importorskip("transformer_lens")
+    from resid.io.references import transformer_lens_bridge
+
+    return transformer_lens_bridge(tiny_hf)
+
+
+TEXT = "When Mary and John went to the store, John gave a drink to Mary"
+
+
+def test_token_conveniences_equal_transformer_lens(tiny, tl_bridge):
+    b = tl_bridge
+    assert tiny.to_single_str_token(50256) == b.to_single_str_token(50256) == "<|endoftext|>"
+    assert tiny.to_single_str_token(torch.tensor(3290)) == b.to_single_str_token(3290)
+    for token in (" Mary", " John", tiny.to_single_token(" store")):
+        for mode in ("first", "last"):
+            assert tiny.get_token_position(token, TEXT, mode=mode) == b.get_token_position(token, TEXT, mode=mode)  # fmt: skip
+    assert tiny.get_token_position(" Mary", TEXT, prepend_bos=False) == b.get_token_position(" Mary", TEXT, prepend_bos=False)  # fmt: skip
+    assert tiny.all_head_labels == b.all_head_labels == tiny.all_head_labels()  # both spellings
+    ids = tiny.to_tokens(TEXT)[0, 1:4]
+    for tokens in (" Mary", 3290, ids, ids[None]):
+        ours, theirs = (
+            tiny.tokens_to_residual_directions(tokens),
+            b.tokens_to_residual_directions(tokens),
+        )
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs.to(ours))
+    for layer, mlp_input in ((0, False), (1, True), (2, False)):
+        theirs = b.accumulated_bias(layer, mlp_input=mlp_input)
+        torch.testing.assert_close(tiny.accumulated_bias(layer, mlp_input=mlp_input), theirs)
+    long = " one" * 80
+    assert torch.equal(tiny.to_tokens(long, truncate=True), b.to_tokens(long, truncate=True))
+    assert tiny.to_tokens(long, truncate=True).shape == (1, tiny.cfg.n_ctx)
+    with pytest.raises(ValueError, match="does not occur"):
+        tiny.get_token_position(" Paris", TEXT)
+
+
+def test_get_token_position_in_a_padded_batch(tiny):
+    texts = ["Hi Mary", "When Mary and John met Mary"]
+    for side in ("left", "right"):
+        tokens, mask = tiny.to_tokens(texts, padding_side=side, return_attention_mask=True)
+        for mode in ("first", "last"):
+            got = tiny.get_token_position(" Mary", tokens, mode=mode, attention_mask=mask)
+            for row, text in enumerate(texts):  # each row's position, shifted by its padding
+                alone = tiny.get_token_position(" Mary", text, mode=mode)
+                pad = int((~mask[row]).sum()) if side == "left" else 0
+                assert int(got[row]) == alone + pad
+
+
+def test_forward_prepend_bos_padding_side_and_layers(tiny, tl_bridge, tokens):
+    with torch.no_grad():
+        ours = tiny(TEXT, prepend_bos=False)
+        assert torch.equal(ours, tiny(tiny.to_tokens(TEXT, prepend_bos=False)))
+        theirs = tl_bridge(TEXT, prepend_bos=False)
+        assert (ours - theirs).abs().max() < 1e-4
+        left = tiny(["Hi", TEXT], padding_side="left")
+        assert torch.equal(left[1], tiny(TEXT)[0]) or (left[1] - tiny(TEXT)[0]).abs().max() < 1e-5
+        # start from a layer's stream, with the run's tokens for the loss: the same loss
+        resid = tiny(tokens, stop_at_layer=1)
+        loss = tiny(resid, start_at_layer=1, tokens=tokens, return_type="loss")
+        assert torch.equal(loss, tiny(tokens, return_type="loss"))
+    with pytest.raises(ValueError, match="needs tokens: pass tokens="):
+        tiny(resid, start_at_layer=1, return_type="loss")
+    with pytest.raises(ValueError, match="not a loss"):
+        tiny(tokens, stop_at_layer=1, return_type="loss")
+
+
+def test_kv_cache_freeze(tiny):
+    from resid.core.kv_cache import KVCache
+
+    prefix = tiny.to_tokens("When Mary and John went to the store,")
+    a, b = (
+        tiny.to_tokens(" John gave", prepend_bos=False),
+        tiny.to_tokens(" a drink", prepend_bos=False),
+    )
+    cache = KVCache(tiny)
+    with torch.no_grad():
+        tiny(prefix, past_kv_cache=cache)
+        cache.freeze()
+        got_a = tiny(a, past_kv_cache=cache)
+        got_b = tiny(b, past_kv_cache=cache)  # reads the prefix only, not " John gave"
+        assert cache.length == prefix.shape[1]
+        full_a = tiny(torch.cat([prefix, a], 1))[:, -a.shape[1] :]
+        full_b = tiny(torch.cat([prefix, b], 1))[:, -b.shape[1] :]
+        cache.unfreeze()
+        tiny(a, past_kv_cache=cache)
+    assert (got_a - full_a).abs().max() < 1e-4 and (got_b - full_b).abs().max() < 1e-4
+    assert cache.length == prefix.shape[1] + a.shape[1]

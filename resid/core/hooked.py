@@ -259,6 +259,7 @@ class Hooked:
                 input,
                 forward_kwargs.pop("attention_mask", None),
                 forward_kwargs.pop("padding_side", None),
+                forward_kwargs.pop("prepend_bos", None),
             )
             mask = input.mask
         with torch.enable_grad() if incl_bwd else nullcontext(), self.hooks(selected, bwd):

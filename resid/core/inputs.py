@@ -49,6 +49,7 @@ def prepare(
     input: Input | Inputs,
     attention_mask: Tensor | None = None,
     padding_side: Side | None = None,
+    prepend_bos: bool | None = None,
 ) -> Inputs:
     """``input`` as :class:`Inputs` for ``model``: strings are tokenized, padded on
     ``padding_side`` (default ``model.padding_side``) and masked; token ids and
@@ -73,6 +74,7 @@ def prepare(
             device=model.device,
             padding_side=padding_side or model.padding_side,
             return_attention_mask=True,
+            prepend_bos=prepend_bos,
         )
     else:
         tokens, mask = check_tokens(model, input), attention_mask
@@ -224,3 +226,59 @@ def to_single_token(tokenizer: Tokenizer, text: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {tokenizer.decode_each(ids)}")
     return ids[0]
+
+
+def get_token_position(
+    model: ModelLike,
+    single_token: str | int | Tensor,
+    input: str | Tensor,
+    mode: str = "first",
+    prepend_bos: bool | None = None,
+    padding_side: Side | None = None,
+    attention_mask: Tensor | None = None,
+) -> int | Int[Tensor, " batch"]:
+    """Where ``single_token`` (a one-token string or an id) first (``mode="first"``) or
+    last (``"last"``) occurs in ``input`` (a string, or token ids), as TransformerLens'
+    ``get_token_position``: an int for one sequence. For a batch ``[batch, pos]``, a tensor
+    of one position per row, counting only the real tokens ``attention_mask`` marks (the
+    position is in the padded row). A row without the token is an error naming it.
+
+    >>> model.get_token_position(" Mary", "When Mary and John went", mode="last")
+    """
+    if mode not in ("first", "last"):
+        raise ValueError(f"mode must be 'first' or 'last', not {mode!r}")
+    if isinstance(input, str):
+        tokens = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+    else:
+        tokens = check_tokens(model, input)
+    if isinstance(single_token, str):
+        single_token = model.to_single_token(single_token)
+    token = int(single_token)
+    mask = check_mask(attention_mask, tokens.shape, tokens.device)
+    hit = tokens == token
+    if mask is not None:
+        hit &= mask
+    missing = (~hit.any(1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"token {token} ({to_single_str_token(model.tokenizer, token)!r}) does not occur "
+            f"in row(s) {missing} of the input"
+        )
+    idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    first = torch.where(hit, idx, tokens.shape[1]).min(1).values
+    last = torch.where(hit, idx, -1).max(1).values
+    where = first if mode == "first" else last
+    single = isinstance(input, str) or (isinstance(input, Tensor) and input.dim() == 1)
+    return int(where[0]) if single or tokens.shape[0] == 1 and attention_mask is None else where
+
+
+def to_single_str_token(tokenizer: Tokenizer, token: int | Tensor) -> str:
+    """The text of one token id (TransformerLens' ``to_single_str_token``).
+
+    >>> to_single_str_token(Tokenizer.gpt2(), 50256)
+    '<|endoftext|>'
+    """
+    t = torch.as_tensor(token)
+    if t.numel() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"to_single_str_token takes one integer token id, not {token!r}")
+    return tokenizer.decode_each([int(t)])[0]

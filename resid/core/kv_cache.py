@@ -28,6 +28,7 @@ class KVCache:
         self.n_layers, self.batch = model.cfg.n_layers, batch
         self.length = 0
         self.mask: Bool[Tensor, "batch pos"] | None = None
+        self.frozen = False  # see freeze()
 
     def check(self, model: ModelLike, batch: int) -> None:
         if len(self.layers) != model.cfg.n_layers:
@@ -56,10 +57,29 @@ class KVCache:
         return torch.cat([past, new], 1)
 
     def advance(self, keys: Bool[Tensor, "batch key_pos"] | None, shape: tuple[int, int]) -> None:
-        """Record that a forward of ``shape`` ran (its keys and values are already stored)."""
+        """Record that a forward of ``shape`` ran (its keys and values are already stored,
+        unless the cache is frozen: then nothing changes)."""
+        if self.frozen:
+            return
         self.batch = shape[0]
         self.length += shape[1]
         self.mask = keys
+
+    def freeze(self) -> None:
+        """Stop extending: later forwards read the cached keys and values but do not add
+        theirs (TransformerLens' ``freeze``), so one prefix serves many continuations.
+
+        >>> cache.freeze(); a = model(x, past_kv_cache=cache); b = model(y, past_kv_cache=cache)
+        """
+        self.frozen = True
+        for store in self.layers:
+            store.frozen = True
+
+    def unfreeze(self) -> None:
+        """Extend with each forward again."""
+        self.frozen = False
+        for store in self.layers:
+            store.frozen = False
 
     def __repr__(self) -> str:
         return f"KVCache({self.n_layers} layers, {self.length} positions, batch={self.batch})"

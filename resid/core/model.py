@@ -104,10 +104,12 @@ class Model(Hooked, WeightViews, nn.Module):
         *,
         attention_mask: Tensor | None = None,
         padding_side: Literal["right", "left"] | None = None,
+        prepend_bos: bool | None = None,
         past_kv_cache: KVCache | None = None,
         loss_per_token: bool = False,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Tensor | None:
         """Logits for every prefix of the input: row ``i`` predicts token ``i + 1``.
 
@@ -123,21 +125,42 @@ class Model(Hooked, WeightViews, nn.Module):
         With ``past_kv_cache`` the input is the next positions after those in the cache,
         which is extended with them. As in TransformerLens, ``start_at_layer=l`` takes
         ``input`` to be the residual stream entering block ``l``, and ``stop_at_layer=l``
-        returns the residual stream entering block ``l``. ``return_type=None`` runs
-        everything (``ln_final`` included) for the hooks and returns ``None``.
+        returns the residual stream entering block ``l``; started at a layer, the loss needs
+        the run's ``tokens=`` (its targets). ``return_type=None`` runs everything
+        (``ln_final`` included) for the hooks and returns ``None``. ``prepend_bos`` and
+        ``padding_side`` say how strings are tokenized (``to_tokens``'s defaults).
 
         >>> model(["Hi", "Hello there"], return_type="loss")     # padding excluded
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, not {return_type!r}")
+        if stop_at_layer is not None and return_type == "loss":
+            raise ValueError(
+                "stop_at_layer returns the residual stream entering that layer, not a loss: "
+                "drop return_type='loss', or compute the loss from a full forward"
+            )
         if start_at_layer is None:
-            tokens, mask = self.prepare(input, attention_mask, padding_side)
+            if tokens is not None:
+                raise ValueError("tokens= goes with start_at_layer; otherwise pass them as input")
+            tokens, mask = self.prepare(input, attention_mask, padding_side, prepend_bos)
             shape = tokens.shape
-        elif return_type == "loss":
-            raise ValueError("return_type='loss' needs tokens, so it cannot start at a layer")
         else:
-            tokens, shape = None, input.shape[:2]
+            shape = input.shape[:2]
             mask = self.check_mask(attention_mask, shape)
+            if return_type == "loss":
+                if tokens is None:
+                    raise ValueError(
+                        "return_type='loss' from start_at_layer needs tokens: pass "
+                        "tokens=[batch, pos], the run's targets (whose stream you start from)"
+                    )
+                tokens = self.tokens(tokens)
+                if tuple(tokens.shape) != tuple(shape):
+                    raise ValueError(
+                        f"tokens= has shape {tuple(tokens.shape)}, the stream {tuple(shape)} "
+                        "(batch, pos): give the tokens of the same run"
+                    )
+            else:
+                tokens = None
         if past_kv_cache is not None:
             past_kv_cache.check(self, shape[0])
         full = mask if past_kv_cache is None else past_kv_cache.keys_mask(mask, shape)
@@ -147,7 +170,7 @@ class Model(Hooked, WeightViews, nn.Module):
                 f"{offset + shape[1]} positions is more than the context of {self.cfg.n_ctx}"
             )
         attn_mask = Mask(offset, full)
-        if tokens is not None:
+        if start_at_layer is None:
             if self.hook_tokens.active:  # a copy: a hook never edits the caller's tensor
                 tokens = self.hook_tokens(tokens.clone())
             resid = self.embed(tokens, attn_mask.positions(shape[1], self.device))
@@ -228,6 +251,7 @@ class Model(Hooked, WeightViews, nn.Module):
         prepend_bos: bool | None = None,
         padding_side: Literal["right", "left"] | None = None,
         return_attention_mask: bool = False,
+        truncate: bool = False,
     ) -> Int[Tensor, "batch pos"] | tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
         """Token ids ``[batch, pos]``, with ``<|endoftext|>`` first as TransformerLens does
         (``prepend_bos=None``: BOS first if the tokenizer's ``add_bos_token`` says so, as it
@@ -237,7 +261,9 @@ class Model(Hooked, WeightViews, nn.Module):
         ``padding_side`` (default ``model.padding_side``, ``"right"``);
         ``return_attention_mask=True`` also gives the mask, ``True`` at real tokens, to pass
         as ``attention_mask=`` wherever tokens go. A list of strings given straight to
-        ``model(...)`` gets its mask without asking. See ``resid.core.inputs.to_tokens``.
+        ``model(...)`` gets its mask without asking. ``truncate=True`` keeps the first
+        ``n_ctx`` positions (TransformerLens truncates by default; resid refuses an input
+        past the context unless asked). See ``resid.core.inputs.to_tokens``.
 
         >>> tokens, mask = model.to_tokens(["Hi", "Hello there"], padding_side="left",
         ...                                return_attention_mask=True)
@@ -248,7 +274,7 @@ class Model(Hooked, WeightViews, nn.Module):
         side = padding_side or self.padding_side
         if side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', not {side!r}")
-        return inputs.to_tokens(
+        out = inputs.to_tokens(
             self.tokenizer,
             texts,
             device=self.device,
@@ -256,12 +282,18 @@ class Model(Hooked, WeightViews, nn.Module):
             padding_side=side,
             return_attention_mask=return_attention_mask,
         )
+        if not truncate:
+            return out
+        if return_attention_mask:
+            return out[0][:, : self.cfg.n_ctx], out[1][:, : self.cfg.n_ctx]
+        return out[:, : self.cfg.n_ctx]
 
     def prepare(
         self,
         input: Input | Inputs,
         attention_mask: Tensor | None = None,
         padding_side: Literal["right", "left"] | None = None,
+        prepend_bos: bool | None = None,
     ) -> Inputs:
         """Checked token ids on the model's device and their attention mask (``None`` when
         every token is real), as :class:`~resid.core.inputs.Inputs` (a ``(tokens, mask)``
@@ -270,7 +302,7 @@ class Model(Hooked, WeightViews, nn.Module):
 
         >>> tokens, mask = model.prepare(["Hi", "Hello there"])
         """
-        return inputs.prepare(self, input, attention_mask, padding_side)
+        return inputs.prepare(self, input, attention_mask, padding_side, prepend_bos)
 
     def check_mask(
         self, mask: Tensor | None, shape: tuple[int, ...]
@@ -303,6 +335,28 @@ class Model(Hooked, WeightViews, nn.Module):
     def to_single_token(self, text: str) -> int:
         """The id of a string that is exactly one token, e.g. ``" Paris"``."""
         return inputs.to_single_token(self.tokenizer, text)
+
+    def to_single_str_token(self, token: int | Tensor) -> str:
+        """The text of one token id, e.g. ``model.to_single_str_token(50256)``."""
+        return inputs.to_single_str_token(self.tokenizer, token)
+
+    def get_token_position(
+        self,
+        single_token: str | int | Tensor,
+        input: str | Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["right", "left"] | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> int | Int[Tensor, " batch"]:
+        """Where a token first or last occurs in the input (one position per row of a
+        padded batch); see ``resid.core.inputs.get_token_position``.
+
+        >>> model.get_token_position(" John", "When Mary and John went to the store, John", mode="last")
+        """
+        return inputs.get_token_position(
+            self, single_token, input, mode, prepend_bos, padding_side, attention_mask
+        )
 
     # ---- generation ------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from resid.core import stacking
 from resid.core.factored import FactoredMatrix
 from resid.core.head import Head
 from resid.core.hooks import HookPoint
@@ -37,6 +38,13 @@ def _stacked(module: str, name: str, shape: str) -> property:
         return torch.stack(parts)
 
     return property(get, doc=f"``[{shape}]``: each block's ``{module}.{name}``, stacked (a copy).")
+
+
+class HeadLabels(list):
+    """A list of head labels that returns itself when called (see ``all_head_labels``)."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
 
 
 class WeightViews:
@@ -105,3 +113,40 @@ class WeightViews:
     def OV(self) -> FactoredMatrix:
         """Every head's ``W_V W_O``, factored: ``[layer, head, d_model, d_model]``."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    # ---- TransformerLens' conveniences ----------------------------------------------------
+
+    @property
+    def all_head_labels(self) -> HeadLabels:
+        """``"L{l}H{h}"`` for every head, layer by layer (TransformerLens' labels): a list,
+        which may also be called (``model.all_head_labels()``, TransformerLens 2's spelling;
+        TransformerLens 4 makes it a property)."""
+        n, h = self.cfg.n_layers, self.cfg.n_heads
+        return HeadLabels(f"L{lyr}H{i}" for lyr in range(n) for i in range(h))
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """The biases written to the stream before ``layer`` (each ``b_O``, each ``b_out``);
+        see ``resid.core.stacking.accumulated_bias``.
+
+        >>> model.accumulated_bias(3, mlp_input=True)
+        """
+        return stacking.accumulated_bias(self, layer, mlp_input, include_mlp_biases)
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Tensor
+    ) -> Float[Tensor, "... d_model"]:
+        """The unembedding direction of each token (``W_U[:, t]``): ``[d_model]`` for one
+        token (a one-token string or an id), ``[..., d_model]`` for a tensor of ids.
+
+        >>> model.tokens_to_residual_directions(" Paris") @ final_state   # the logit, less b_U
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_E.device)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"tokens are ids (integers) or a one-token string, not {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab})")
+        return self.W_U[:, ids].movedim(0, -1)
