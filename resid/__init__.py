@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name loads 
     from resid.core.model import Model
     from resid.core.names import act_name
     from resid.core.neuron import Neuron
+    from resid.core.processing import process_weights
     from resid.core.stream import ResidualStream, State
     from resid.core.tokenizer import Tokenizer
     from resid.io.loading import CheckpointError, load, save
@@ -57,6 +58,7 @@ _NAMES = {
     "correlation": "resid.core.labelled",
     "Model": "resid.core.model",
     "act_name": "resid.core.names",
+    "process_weights": "resid.core.processing",
     "Neuron": "resid.core.neuron",
     "ResidualStream": "resid.core.stream",
     "State": "resid.core.stream",
@@ -125,6 +127,7 @@ __all__ = [
     "metrics",
     "patching",
     "path_patching",
+    "process_weights",
     "sae",
     "save",
     "stream",
