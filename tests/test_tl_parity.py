@@ -371,3 +371,55 @@ def test_kv_cache_freeze(tiny):
         tiny(a, past_kv_cache=cache)
     assert (got_a - full_a).abs().max() < 1e-4 and (got_b - full_b).abs().max() < 1e-4
     assert cache.length == prefix.shape[1] + a.shape[1]
+
+
+# ---- the migration page ----------------------------------------------------------------
+
+PAGE = __import__("pathlib").Path(__file__).parents[1] / "docs" / "from_transformerlens.md"
+
+
+def page_examples() -> list[str]:
+    """The middle column of every table row of docs/from_transformerlens.md."""
+    rows = []
+    for line in PAGE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 3 or not line.startswith("| ") or cells[0] in ("TransformerLens", "---"):
+            continue
+        if cells[0].startswith("TransformerLens"):
+            continue
+        code = cells[1]
+        assert code.startswith("`") and code.endswith("`") and code.count("`") == 2, line
+        rows.append(code[1:-1])
+    return rows
+
+
+def test_migration_page_examples_run(tiny_dir, tmp_path):
+    """Every row's resid call runs, in order, on a tiny GPT-2 (and an SAE beside it)."""
+    import resid
+    from resid.sae import SAE, SAEConfig
+
+    examples = page_examples()
+    assert len(examples) >= 50
+    sae = SAE(SAEConfig.from_dict({
+        "d_in": 64, "d_sae": 32,
+        "metadata": {"hook_name": "blocks.1.hook_resid_pre",
+                     "model_from_pretrained_kwargs": {"fold_ln": True}},
+    }))  # fmt: skip
+    resid.sae.save(sae, tmp_path / "sae")
+    first = resid.load(tiny_dir, device="cpu")
+    text = "When Mary and John went to the store, John gave a drink to"
+    namespace = {
+        "resid": resid, "torch": torch, "checkpoint_dir": tiny_dir, "sae_dir": tmp_path / "sae",
+        "text": text, "corrupted": first.to_tokens(text.replace("John", "Paul", 1)),
+    }  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SAE's basis warning is the point of a row
+        for code in examples:
+            try:
+                exec(code, namespace)
+            except Exception as e:  # name the row that failed
+                raise AssertionError(f"{code!r} raised {e!r}") from e
+    model = namespace["model"]
+    # BOS When Mary and John went to the store , John: the second John is position 10
+    assert not model.has_hooks() and namespace["last_john"] == 10
+    assert namespace["spliced"].shape == namespace["logits"].shape

@@ -144,7 +144,13 @@ class Hooked:
                         f"'{name}' is already spliced: splice one SAE per site at a time"
                     )
                 points[name] = hp
-            fwd.append((site, m.splice_hook(use_error_term)))
+            # a module that reads one site and writes another (a transcoder) brings a hook
+            # for each; an SAE brings one, at its site
+            several = getattr(m, "splice_hooks", None)
+            if callable(several):
+                fwd.extend(several(use_error_term))
+            else:
+                fwd.append((site, m.splice_hook(use_error_term)))
         with ExitStack() as stack:
             stack.enter_context(self._extra_hook_points(points))
             stack.enter_context(hooks.attached(self.hook_dict, fwd))
@@ -214,6 +220,7 @@ class Hooked:
         incl_bwd: bool = False,
         pos_slice: SliceInput = None,
         batch_slice: SliceInput = None,
+        remove_batch_dim: bool = False,
         **forward_kwargs,
     ) -> tuple[Tensor, ActivationCache]:
         """Forward, keeping the activations at the sites ``names_filter`` picks.
@@ -230,6 +237,7 @@ class Hooked:
         ``"{name}_grad"``, as TransformerLens does. ``pos_slice`` / ``batch_slice`` keep
         only those positions / prompts in the cache (TransformerLens' slices; see
         ``ActivationCache.apply_slice_to_pos_dim``); the output is the whole run's.
+        ``remove_batch_dim=True``: a one-prompt cache without its batch axis.
 
         >>> logits, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre"])
         """
@@ -274,7 +282,7 @@ class Hooked:
         cache = ActivationCache(store, self, attention_mask=mask)
         if pos_slice is not None or batch_slice is not None:
             cache = cache._sliced(batch_slice, pos_slice)
-        return out, cache
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
 
 # sites the default cache leaves out: built only when asked for, one copy of the stream
