@@ -496,12 +496,18 @@ TAMPER = {
     "sites-int": lambda m: m["harvest"].update(sites=5),
     "threshold-string": lambda m: m["harvest"].update(active_threshold="nan"),
     "files-outside": lambda m: m["files"].update({"../victim": "0" * 64}),
+    "stats-outside": lambda m: (  # a real stats file, outside, listed with its real hash
+        m["harvest"]["site_info"][SITES[0]].update(stats="../outside.safetensors"),
+        m["files"].update({"../outside.safetensors": m["files"][f"stats/{SITES[0]}.safetensors"]}),
+    ),
+    "stats-absolute": lambda m: m["harvest"]["site_info"][SITES[0]].update(stats="/etc/passwd"),
 }
 
 
 @pytest.mark.parametrize("name", list(TAMPER))
 def test_tampered_manifests_are_harvest_errors(tiny, corpus, clean, tmp_path, name):
     copy = tampered(clean, tmp_path, TAMPER[name])
+    shutil.copy(clean / "stats" / f"{SITES[0]}.safetensors", tmp_path / "outside.safetensors")
     with pytest.raises(H.HarvestError):
         H.load_stats(copy, SITES[0])
     with pytest.raises(H.HarvestError):
