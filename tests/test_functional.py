@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from resid import functional as Fr
+from resid.core import functional as Fr
 
 # Seed 003 (shared/seeds/003_*.txt), as its numpy code has them (where its LaTeX differs
 # for W_Q1 and W_K2, the numpy code produced the printed numbers).
