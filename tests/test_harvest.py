@@ -607,6 +607,15 @@ def test_hostile_jsonl_records_are_corpus_errors(tiny, tmp_path, line, match):
         list(contexts(open_corpus(path), tiny.tokenizer, 4))
 
 
+def test_a_device_or_fifo_corpus_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "fifo.txt")
+    start = time.monotonic()
+    for path in ("/dev/zero", tmp_path / "fifo.txt"):
+        with pytest.raises(CorpusError, match="not a regular file"):
+            open_corpus(path)
+    assert time.monotonic() - start < 2
+
+
 def test_an_unknown_corpus_suffix_is_named(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("a,b\n")

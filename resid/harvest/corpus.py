@@ -205,6 +205,11 @@ def open_corpus(path: str | Path, text_field: str = "text", split: str | None = 
                 "(no dataset_info.json or dataset_dict.json)"
             )
         return Corpus(path, "datasets", text_field, split)
+    if not path.is_file():
+        raise CorpusError(
+            f"corpus {path} is not a regular file (a device, FIFO or socket would be read "
+            "forever): give a .txt/.jsonl file or a saved datasets folder"
+        )
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return Corpus(path, "jsonl", text_field, split)
