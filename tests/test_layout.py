@@ -24,6 +24,7 @@ LAYERS = {
     "interventions": 2,
     "sae": 3,
     "harvest": 3,
+    "graphs": 3.5,  # attribution graphs: on core, analysis, interventions and sae
     "io": 4,
     "viz": 4,
     "cli": 5,

@@ -12,6 +12,9 @@ The package, one idea per module:
 - ``processing``: the weight processing an SAE's file says its model had
   (:func:`expected_processing`), a warning when spliced into a model without it, and
   :func:`processed_for` to process the model to match;
+- ``transcoder``: :class:`Transcoder` (reads the MLP's input, writes its output) and
+  ``transcoder_files`` (:func:`load_transcoders`, :func:`save_transcoders`: circuit-tracer's
+  and SAELens' formats);
 - ``circuits``: direct feature attribution, :func:`attribute_features`,
   :func:`patch_features` and :func:`feature_circuit`.
 
@@ -38,6 +41,8 @@ from resid.sae.files import load, save
 from resid.sae.module import SAE
 from resid.sae.processing import expected_processing, processed_for
 from resid.sae.sites import site_width
+from resid.sae.transcoder import Transcoder, TranscoderConfig
+from resid.sae.transcoder_files import load_transcoders, save_transcoders
 
 __all__ = [
     "SAE",
@@ -45,13 +50,17 @@ __all__ = [
     "FeatureCircuit",
     "SAEConfig",
     "SAEError",
+    "Transcoder",
+    "TranscoderConfig",
     "attribute_features",
     "direct_feature_attribution",
     "expected_processing",
     "feature_circuit",
     "load",
+    "load_transcoders",
     "patch_features",
     "processed_for",
     "save",
+    "save_transcoders",
     "site_width",
 ]
