@@ -670,3 +670,17 @@ def test_the_old_import_paths_still_work_and_name_the_new_place(old, new, names)
         module = importlib.import_module(old)
     for name in names:
         assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_resume_compares_the_model_config_field_by_field(tiny, corpus, clean, tmp_path):
+    """A field an older resid did not record is no change; a changed field is named."""
+    run = dict(activations=True, max_tokens=MAX_TOKENS, resume=True, progress=False, **SETTINGS)
+    field = next(iter(json.loads((clean / "resid-manifest.json").read_text())["harvest"]
+                      ["model_config"]))  # fmt: skip
+    older = tampered(clean, tmp_path / "a", lambda m: m["harvest"]["model_config"].pop(field))
+    assert H.harvest(tiny, corpus, older, SITES, **run) == older  # already complete
+    edited = tampered(clean, tmp_path / "b", lambda m: m["harvest"]["model_config"].update(
+        d_model=tiny.cfg.d_model + 1))  # fmt: skip
+    with pytest.raises(H.HarvestError, match=r"model_config\.d_model: was \d+, now \d+\)") as e:
+        H.harvest(tiny, corpus, edited, SITES, **run)
+    assert str(e.value).count("d_model") == 1

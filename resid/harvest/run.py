@@ -198,9 +198,16 @@ def _check_resume(old: dict, settings: Settings, identity: dict, world: int, out
             f"--nproc-per-node/--nnodes giving {old.get('world_size')!r} processes"
         )
     diffs = settings.differences(before)
-    diffs += [f"{k}: was {str(old.get(k))[:60]!r}, now {str(v)[:60]!r}"
-              for k, v in identity.items()
-              if k not in _IDENTITY_CHANGE_OK and old.get(k) != v]  # fmt: skip
+    for key, now in identity.items():
+        was = old.get(key)
+        if key in _IDENTITY_CHANGE_OK or was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):  # the model's config, field by field
+            # a field only one side has is a field one resid version did not know: no change
+            diffs += [f"{key}.{f}: was {was[f]!r}, now {now[f]!r}"
+                      for f in sorted(set(was) & set(now), key=str) if was[f] != now[f]]  # fmt: skip
+        else:
+            diffs.append(f"{key}: was {str(was)[:60]!r}, now {str(now)[:60]!r}")
     if diffs:
         raise HarvestError(
             f"--resume with different settings ({'; '.join(diffs[:6])}): resume with the "
