@@ -41,6 +41,13 @@ from resid.io.families.assemble import normalise
 from resid.io.families.common import Family
 from resid.io.families.gpt2 import GPT2_VOCAB, to_gpt2_state_dict
 
+try:  # GGUF files need the gguf extra (pip install 'resid[gguf]')
+    from resid.io import gguf
+except ImportError as e:
+    if e.name != "gguf":
+        raise
+    gguf = None
+
 HUB_NAMES = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
@@ -88,9 +95,13 @@ def load(
     >>> model = resid.load("path/to/folder", dtype=torch.bfloat16)
     """
     if str(name_or_path).endswith(".gguf"):
-        from resid.io.gguf import load_gguf  # optional: needs the gguf extra
-
-        return load_gguf(locate(name_or_path), dtype=dtype, device=device)
+        path = locate(name_or_path)
+        if gguf is None:
+            raise CheckpointError(
+                f"{path} is a GGUF file: reading it needs the gguf package "
+                "(pip install 'resid[gguf]')"
+            )
+        return gguf.load_gguf(path, dtype=dtype, device=device)
     return build(read(name_or_path), device, dtype, config, allow_nonfinite)
 
 
