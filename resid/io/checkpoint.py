@@ -167,7 +167,7 @@ def shard_path(folder: Path, shard: object, index: Path) -> Path:
 
 def read_index(index: Path, folder: Path) -> dict[str, Stored]:
     """The tensors of a sharded checkpoint: every shard its index names, each confined to
-    ``folder``; a tensor the index places in one shard must be in that shard."""
+    ``folder`` and to regular files; a tensor stored in two shards is refused."""
     data = read_json(index, "shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(

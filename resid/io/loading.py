@@ -86,7 +86,11 @@ def load(
 
     ``device`` defaults to CUDA when there is one, else the CPU; ``dtype`` to float32
     (each tensor is converted once, straight into it: a bfloat16 load never holds the
-    model in float32). ``config`` overrides the shapes read from (or, for a bare weight
+    model in float32). A safetensors tensor already in ``dtype`` and layout is used, on the
+    CPU, from the file's private copy-on-write mapping without a copy (as ``transformers``
+    does): editing the model never changes the file, but do not overwrite that file in
+    place while the model is alive (``resid.save`` writes a new file and renames it, which
+    is safe). ``config`` overrides the shapes read from (or, for a bare weight
     file, guessed from) the checkpoint. Every config value and every tensor is checked
     before anything is allocated; NaN or Inf weights raise ``CheckpointError`` unless
     ``allow_nonfinite=True`` (then a warning names them). Paths ending in ``.gguf`` are
