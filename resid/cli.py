@@ -108,11 +108,12 @@ def _attention(args) -> int:
 def _harvest(args) -> int:
     import torch.distributed as dist
 
-    from resid.io import harvest as harvesting
+    from resid.harvest import run as harvesting
+    from resid.harvest.distributed import init_distributed
+    from resid.harvest.store import read_harvest
 
-    window = tuple(int(x) for x in args.window.split(","))
     created = not (dist.is_available() and dist.is_initialized())
-    rank, world, device = harvesting.init_distributed(args.device, args.dist_timeout)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     try:
         model = _load(args.model, device=device, dtype=_dtype(args.dtype))
         out = harvesting.harvest(
@@ -121,7 +122,7 @@ def _harvest(args) -> int:
             batch_size=args.batch_size, shard_batches=args.shard_batches,
             max_tokens=args.max_tokens,
             store_dtype=_dtype(args.store_dtype), k=args.k,
-            window=window, active_threshold=args.active_threshold, exclude_bos=args.exclude_bos,
+            window=args.window, active_threshold=args.active_threshold, exclude_bos=args.exclude_bos,
             text_field=args.text_field, split=args.split, resume=args.resume,
             progress=not args.quiet, log=args.log, label=args.model,
         )  # fmt: skip
@@ -129,21 +130,29 @@ def _harvest(args) -> int:
         if created and world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        info = harvesting.read_harvest(out)
+        info = read_harvest(out)
         print(f"resid harvest: {info['tokens']:,} tokens at {len(info['sites'])} site(s) "
               f"on {world} process(es) -> {out}/")  # fmt: skip
     return 0
 
 
 def _dashboard(args) -> int:
+    from resid.harvest.store import read_harvest
     from resid.interventions import sae as sae_files
-    from resid.io import harvest as harvesting
     from resid.viz import dashboard
 
     dashboard.check_out(args.out)  # before loading a model
     model = None
     if not args.no_model:
-        model = _load(args.model or harvesting.read_harvest(args.harvest)["model"], device="cpu")
+        name = args.model or read_harvest(args.harvest)["model"]
+        try:
+            model = _load(name, device="cpu")
+        except (ValueError, OSError) as e:
+            raise ValueError(
+                f"cannot load the model {name!r}{'' if args.model else ' the harvest names'} "
+                f"({e}): pass --model PATH_OR_NAME, or --no-model for token ids without logit "
+                "effects"
+            ) from e
     saes = [sae_files.load(path, device="cpu") for path in args.sae or ()]
     out, n = dashboard.write_dashboard(
         args.harvest, args.out, model=model, sites=args.sites, units=args.units,
