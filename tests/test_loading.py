@@ -800,3 +800,19 @@ def test_cuda_load_equals_the_cpu_load(tiny_dir, tokens, dtype):
     with torch.no_grad():
         torch.testing.assert_close(gpu(tokens.cuda()).float().cpu(), cpu(tokens).float(),
                                    atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)  # fmt: skip
+
+
+def test_tokenizer_files_are_bounded_and_regular(tiny_dir, tmp_path):
+    """A FIFO or a huge file where tokenizer.json should be is refused before it is read."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    os.mkfifo(folder / "tokenizer.json")
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        resid.load(folder, device="cpu")
+    assert time.monotonic() - start < 10
+    (folder / "tokenizer.json").unlink()
+    with open(folder / "tokenizer.json", "wb") as f:
+        f.truncate((256 << 20) + 1)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match="far too large"):
+        resid.load(folder, device="cpu")

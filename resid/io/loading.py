@@ -37,7 +37,7 @@ from resid.io.checkpoint import Weights, read_folder, read_json, read_weights, r
 from resid.io.convert import build_model, from_hf
 from resid.io.errors import CheckpointError
 from resid.io.families import gpt2, nanogpt
-from resid.io.families.assemble import normalise
+from resid.io.families.assemble import check, normalise
 from resid.io.families.common import Family
 from resid.io.families.gpt2 import GPT2_VOCAB, to_gpt2_state_dict
 
@@ -59,6 +59,7 @@ HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokeni
              "tokenizer_config.json", "vocab.json", "merges.txt"]  # fmt: skip
 WRITER = "resid.save"
 STAND_IN = "python scripts/make_tiny_gpt2.py"
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest tokenizers (Gemma's, 256k tokens) are ~35 MB
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json")
 
 
@@ -119,6 +120,7 @@ def build(
     """The ``Model`` of a checkpoint already read (see ``read``)."""
     cfg = config or ckpt.config
     entries = {k: ckpt.weights.stored(k) for k in ckpt.weights}
+    check(entries, cfg, ckpt.family, ckpt.source)  # names and shapes before the tokenizer
     return build_model(entries, cfg, ckpt.family, tokenizer=_tokenizer_for(ckpt, cfg),
                        dtype=dtype, device=device, allow_nonfinite=allow_nonfinite,
                        source=ckpt.source)  # fmt: skip
@@ -127,14 +129,23 @@ def build(
 def _tokenizer_for(ckpt: Checkpoint, cfg: Config) -> Tokenizer | None:
     """The folder's own tokenizer, or GPT-2's where the vocabulary is GPT-2's: exactly
     50257, or a nanoGPT checkpoint's padded one (50304: the ids below 50257 are GPT-2's).
-    A tokenizer file that does not load is a ``CheckpointError``."""
+    A tokenizer file that does not load, is not a regular file or is larger than
+    ``MAX_TOKENIZER_BYTES`` is a ``CheckpointError``."""
     folder = ckpt.folder
     own = folder is not None and (
-        (folder / "tokenizer.json").is_file()
+        os.path.lexists(folder / "tokenizer.json")
         or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
     )
     if not (own or cfg.d_vocab == GPT2_VOCAB or (ckpt.nanogpt and cfg.d_vocab >= GPT2_VOCAB)):
         return None
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if own and os.path.lexists(folder / name):
+            size = require_regular(folder / name, "tokenizer file").st_size
+            if size > MAX_TOKENIZER_BYTES:
+                raise CheckpointError(
+                    f"the tokenizer file {folder / name} is {size:,} bytes: far too large to "
+                    f"be one (the limit is {MAX_TOKENIZER_BYTES:,}); remove it or pass token ids"
+                )
     try:
         tokenizer = Tokenizer.from_folder(folder) if own else Tokenizer.gpt2()
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
