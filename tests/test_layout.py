@@ -129,6 +129,13 @@ def test_the_walk_sees_the_package():
     ]
 
 
+def test_every_package_has_a_layer():
+    """A new package (a folder under resid/) is placed in LAYERS, so the checks below see
+    it; a top-level file outside LAYERS is a compatibility module (``is_shim``)."""
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages - set(LAYERS) == set()
+
+
 def test_no_function_level_imports_of_resid():
     """Except in the command line: the top layer, which nothing imports (so its imports
     cannot hide a cycle), imports each command's layers inside that command, so that
