@@ -189,24 +189,8 @@ def read_index(index: Path, folder: Path) -> dict[str, Stored]:
 # ---- safetensors ------------------------------------------------------------------------
 
 
-def read_safetensors(path: Path) -> dict[str, Stored]:
-    """Every tensor of a ``.safetensors`` file, from its header (checked against the file's
-    length), its data memory-mapped and read only when used."""
-    size = require_regular(path, "checkpoint").st_size
-
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path} is not a readable safetensors file ({why}): is it truncated?"
-        )
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad(f"{size} bytes, shorter than a header")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise bad(f"a header of {n:,} bytes in a file of {size:,}")
-        raw = f.read(n)
+def _layout(raw: bytes, n: int, size: int, bad) -> dict:
+    """name -> (dtype, shape, first byte in the file, bytes) from a safetensors header."""
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -235,7 +219,30 @@ def read_safetensors(path: Path) -> dict[str, Stored]:
                 f"{begin}-{end} of {data_len:,}"
             )
         layout[name] = (dtype, tuple(shape), data_start + begin, end - begin)
-    mapped = _Mapping(path) if any(nbytes for *_, nbytes in layout.values()) else None
+    return layout
+
+
+def read_safetensors(path: Path) -> dict[str, Stored]:
+    """Every tensor of a ``.safetensors`` file, from its header (checked against the file's
+    length), its data memory-mapped and read only when used."""
+    require_regular(path, "checkpoint")
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a readable safetensors file ({why}): is it truncated?"
+        )
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size  # this descriptor's file, mapped below
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than a header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"a header of {n:,} bytes in a file of {size:,}")
+        raw = f.read(n)
+        layout = _layout(raw, n, size, bad)
+        mapped = _Mapping(f, path) if any(nbytes for *_, nbytes in layout.values()) else None
     return {
         name: Stored(shape, dtype, mapped.fetcher(dtype, shape, start, nbytes),
                      mapped.releaser(start, nbytes), mapped=start % dtype.itemsize == 0)
@@ -250,16 +257,17 @@ def _index(x: object) -> bool:
 
 
 class _Mapping:
-    """A private, copy-on-write memory map of a whole file, opened on first use."""
+    """A private, copy-on-write memory map of a whole file, made when its header is read
+    (so a file replaced afterwards cannot be read with the old header's offsets)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, f, path: Path):
         self.path = path
-        self.map: mmap.mmap | None = None
+        try:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot map {path} into memory: {e}") from e
 
     def _open(self) -> mmap.mmap:
-        if self.map is None:
-            with open(self.path, "rb") as f:
-                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self.map
 
     def fetcher(self, dtype, shape, start: int, nbytes: int) -> Callable[[], Tensor]:
@@ -275,7 +283,7 @@ class _Mapping:
 
     def releaser(self, start: int, nbytes: int) -> Callable[..., None]:
         def release(offset: int = 0, length: int | None = None) -> None:
-            if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            if not hasattr(mmap, "MADV_DONTNEED"):
                 return
             page = mmap.PAGESIZE
             begin = start + offset
