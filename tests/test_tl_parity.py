@@ -423,3 +423,64 @@ def test_migration_page_examples_run(tiny_dir, tmp_path):
     # BOS When Mary and John went to the store , John: the second John is position 10
     assert not model.has_hooks() and namespace["last_john"] == 10
     assert namespace["spliced"].shape == namespace["logits"].shape
+
+
+def test_split_inputs_under_grouped_query_attention():
+    """A Llama-shaped model (RMSNorm, rotary, 2 key/value heads for 4 query heads): the new
+    sites have their shapes, observing them changes nothing bit for bit, their gradients
+    are autograd's, and a copy of the stream given to every input leaves the output as it
+    was (to rounding: the per-head path then runs)."""
+    import resid
+
+    cfg = resid.Config(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=50,
+                       n_ctx=16, normalization="RMS", positional="rotary", gated_mlp=True,
+                       n_kv_heads=2, act_fn="silu")  # fmt: skip
+    torch.manual_seed(0)
+    model = resid.Model(cfg)
+    tokens = torch.randint(0, 50, (2, 7))
+    sites = ["blocks.1.hook_attn_in", "blocks.1.hook_q_input", "blocks.1.hook_k_input",
+             "blocks.1.hook_v_input", "blocks.1.hook_mlp_in"]  # fmt: skip
+    with torch.no_grad():
+        plain = model(tokens)
+        logits, cache = model.run_with_cache(
+            tokens, names_filter=[*sites, "blocks.1.hook_resid_pre"]
+        )
+    assert torch.equal(logits, plain)
+    assert cache["blocks.1.hook_q_input"].shape == (2, 7, 4, 16)
+    assert cache["blocks.1.hook_k_input"].shape == (2, 7, 2, 16)
+    torch.testing.assert_close(cache["blocks.1.hook_attn_in"][:, :, 3], cache["resid_pre", 1])
+    acts, grads = {}, {}
+    loss = model.run_with_hooks(
+        tokens,
+        return_type="loss",
+        fwd_hooks=[(n, lambda x, hook: acts.__setitem__(hook.name, x)) for n in sites],
+        bwd_hooks=[(n, lambda g, hook: grads.__setitem__(hook.name, g)) for n in sites],
+    )
+    want = torch.autograd.grad(loss, [acts[n] for n in sites], retain_graph=True)
+    loss.backward()
+    for n, w in zip(sites, want, strict=True):
+        assert torch.equal(grads[n], w), n
+    # the sum over heads of attn_in's gradient is resid_pre's share through attention
+    assert grads["blocks.1.hook_attn_in"].abs().max() > 0
+    with torch.no_grad():
+        same = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.hook_k_input", lambda x, hook: x.clone())]
+        )
+    assert (same - plain).abs().max() < 1e-5
+
+
+def test_refactor_refused_under_grouped_query_attention():
+    import resid
+
+    cfg = resid.Config(n_layers=1, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=50,
+                       n_ctx=16, n_kv_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match="grouped-query"):
+        resid.process_weights(resid.Model(cfg), refactor_factored_attn_matrices=True)
+    half = resid.Model(resid.Config(n_layers=1, d_model=16, n_heads=4, d_head=4, d_mlp=32,
+                                    d_vocab=50, n_ctx=16)).to(torch.bfloat16)  # fmt: skip
+    processed = resid.process_weights(half)
+    assert processed.dtype == torch.bfloat16 and processed.cfg.normalization == "LNPre"
+    tokens = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        diff = processed(tokens).float().log_softmax(-1) - half(tokens).float().log_softmax(-1)
+    assert diff.abs().max() < 0.1  # bf16 rounding of the processed weights
