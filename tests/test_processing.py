@@ -273,3 +273,9 @@ def test_sae_processing_metadata_only_what_is_stated(tiny):
         rsae.processed_for(no_centring, processed)
     with pytest.raises(rsae.SAEError, match="true or false"):
         rsae.expected_processing(sae_with({"fold_ln": "yes"}).cfg)
+
+
+def test_save_refuses_a_processed_model(tiny, tmp_path):
+    with pytest.raises(ValueError, match="were processed"):
+        resid.save(process_weights(tiny), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -331,6 +331,12 @@ def save(model: Model, folder: str | Path) -> Path:
             f"resid.save writes GPT-2 checkpoints; this model is a {c.architecture} "
             f"({families.SUPPORTED.get(c.architecture, '?')}): save the Hugging Face model it came from"
         )
+    if c.processing:
+        raise ValueError(
+            f"resid.save writes a checkpoint's exact weights; this model's were processed "
+            f"({', '.join(c.processing)}), which a GPT-2 checkpoint cannot hold: save the "
+            "model you processed, and process it again after loading"
+        )
     tokenizer = model._tokenizer
     if tokenizer is not None and tokenizer.vocab_size > c.d_vocab:
         tokenizer = None
