@@ -279,3 +279,17 @@ def test_save_refuses_a_processed_model(tiny, tmp_path):
     with pytest.raises(ValueError, match="were processed"):
         resid.save(process_weights(tiny), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_direct_logit_attribution_on_a_processed_model(tiny):
+    """resid's analyses run on the processed model: DLA's parts sum to the logit less b_U
+    (which now holds ln_final's folded bias), and a logit difference is the exact model's."""
+    p = process_weights(tiny)
+    tokens = TOKENS % tiny.cfg.d_vocab
+    with torch.no_grad():
+        logits, cache = p.run_with_cache(tokens)
+        exact_logits, exact = tiny.run_with_cache(tokens)
+    dla = cache.logit_attribution(17)
+    torch.testing.assert_close(dla.sum(), logits[..., 17] - p.b_U[17], atol=1e-4, rtol=0)
+    diff = cache.logit_attribution((17, 5)).sum() + p.b_U[17] - p.b_U[5]
+    torch.testing.assert_close(diff, exact.logit_attribution((17, 5)).sum(), atol=1e-4, rtol=0)
