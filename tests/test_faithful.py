@@ -567,8 +567,10 @@ def test_incl_bwd_gradients_equal_transformers_autograd(tiny, tiny_hf, tokens):
         torch.testing.assert_close(got, want_resid, atol=1e-6, rtol=1e-4)
         got = cache[f"blocks.{layer}.attn.hook_pattern_grad"]
         torch.testing.assert_close(got, want_pattern, atol=1e-6, rtol=1e-4)
-    # the default cache: every site but the per-head results and inputs, and the token ids
-    left_out = ("hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+    # the default cache: every site but the per-head results and inputs, the MLP's copy of
+    # the stream, and the token ids
+    left_out = ("hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+                "hook_mlp_in")  # fmt: skip
     names = [n for n in tiny.hook_names if not n.endswith(left_out) and n != "hook_tokens"]
     assert sorted(k for k in cache if k.endswith("_grad")) == sorted(f"{n}_grad" for n in names)
 

@@ -171,9 +171,9 @@ def test_new_sites_are_named_and_left_out_of_the_default_cache(tiny, tokens):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         _, cache = tiny.run_with_cache(tokens)
-    assert "blocks.0.hook_mlp_in" in cache
-    assert not any(k.endswith(("attn_in", "_input", "hook_tokens")) for k in cache)
-    torch.testing.assert_close(cache["blocks.0.hook_mlp_in"], cache["blocks.0.hook_resid_mid"])
+    assert not any(k.endswith(("attn_in", "_input", "mlp_in", "hook_tokens")) for k in cache)
+    _, named = tiny.run_with_cache(tokens, names_filter=["blocks.0.hook_mlp_in"])
+    assert torch.equal(named["blocks.0.hook_mlp_in"], cache["blocks.0.hook_resid_mid"])
 
 
 # ---- cache helpers ---------------------------------------------------------------------

@@ -226,8 +226,9 @@ class Hooked:
         """Forward, keeping the activations at the sites ``names_filter`` picks.
 
         ``None`` caches every site except the per-head ``attn.hook_result``, attention's
-        per-head inputs (``hook_attn_in``, ``hook_q_input``, ...) and ``hook_tokens`` (name
-        them, or pass a filter, to get them). The output is exactly ``model(input)``'s: what is
+        per-head inputs (``hook_attn_in``, ``hook_q_input``, ...), ``hook_mlp_in`` and
+        ``hook_tokens``, which TransformerLens builds only when switched on (name them, or
+        pass a filter, to get them). The output is exactly ``model(input)``'s: what is
         cached is computed beside the forward pass. ``device`` and ``dtype`` say where and
         how the cache keeps its tensors (patterns and scales are fp32 unless ``dtype`` is
         given). With padding, ``cache.attention_mask`` marks the real tokens; activations at
@@ -285,15 +286,16 @@ class Hooked:
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
 
-# sites the default cache leaves out: built only when asked for, one copy of the stream
-# per head (the result, attention's per-head inputs), or not activations (the token ids)
-_NOT_BY_DEFAULT = ("result", "attn_in", "q_input", "k_input", "v_input", "tokens")
+# sites the default cache leaves out: built only when asked for (the per-head results,
+# attention's per-head inputs, the MLP's copy of the stream), or not activations (token ids)
+_NOT_BY_DEFAULT = ("result", "attn_in", "q_input", "k_input", "v_input", "mlp_in", "tokens")
 
 
 def _all_but_head_results(name: str) -> bool:
     """``run_with_cache``'s default filter: every site but the per-head ``attn.hook_result``
     (``[batch, pos, head, d_model]``, built only when asked for), attention's per-head
-    inputs (``hook_attn_in``, ``hook_q_input``, ...) and ``hook_tokens``."""
+    inputs (``hook_attn_in``, ``hook_q_input``, ...), ``hook_mlp_in`` (a copy of the stream
+    the MLP reads) and ``hook_tokens``."""
     site = names.info(name)
     return site is None or site.short not in _NOT_BY_DEFAULT
 
