@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 import resid
 import resid.harvest as H
 from resid.cli import main
+from resid.core import files
 from resid.harvest import Settings, store
 from resid.harvest.corpus import PIECE_CHARS, CorpusError, contexts, open_corpus
 from resid.viz.dashboard import write_dashboard
@@ -371,35 +372,37 @@ KILL_ARGS = ["--sites", ",".join(SITES), "--activations", "--max-tokens", str(MA
              "--context-length", "24", "--batch-size", "3", "--shard-batches", "2", "--k", "5",
              "--window", "3,2", "--quiet", "--device", "cpu"]  # fmt: skip
 
-# resid harvest in a child process that SIGKILLs itself at its N-th fsync: atomic_write
-# fsyncs a temporary before renaming it (and the folder after), so N walks the kill through
-# every write of the run, each time with a half-finished file on disk.
-KILL_AT_FSYNC = """
+# resid harvest in a child process that SIGKILLs itself inside a write: at the N-th call of
+# os.fchmod (atomic_write's temporary just made, still empty) or of os.replace (the
+# temporary written whole, not yet renamed). N walks the kill through the kinds of write.
+KILL_IN_WRITE = """
 import os, signal, sys
-real, calls = os.fsync, [0]
-def fsync_then_die(fd):
+which, n = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(os, which), [0]
+def die_at_nth(*args, **kwargs):
     calls[0] += 1
-    if calls[0] == int(sys.argv[1]):
+    if calls[0] == n:
         os.kill(os.getpid(), signal.SIGKILL)
-    real(fd)
-os.fsync = fsync_then_die
+    return real(*args, **kwargs)
+setattr(os, which, die_at_nth)
 from resid.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 
 def test_sigkill_inside_every_kind_of_write_then_resume(tiny_dir, corpus, clean, tmp_path):
-    """Kills at the 1st fsync (the first manifest's temporary, before any manifest exists),
-    the 3rd (the first shard's temporary) and the 5th (a rank state's temporary), one after
-    another on the same folder, each followed by --resume: the result is the uninterrupted
-    run's, and no temporary is left."""
+    """Kills inside the first manifest's write (before any manifest exists), inside the
+    first shard's (written, not renamed) and inside a rank state's (its temporary empty),
+    one after another on the same folder, each followed by --resume: the result is the
+    uninterrupted run's, and no temporary is left."""
     out = tmp_path / "h"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = ["harvest", str(tiny_dir), str(corpus), "--out", str(out), *KILL_ARGS, "--resume"]
-    for n in (1, 3, 5):
-        done = subprocess.run([sys.executable, "-c", KILL_AT_FSYNC, str(n), *argv], env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    for which, n in (("fchmod", 1), ("replace", 2), ("fchmod", 3)):
+        done = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, which, str(n), *argv],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == -signal.SIGKILL, done.stderr
+        assert any(files.is_temp(p.name) for p in out.rglob("*")), "killed inside a write"
     done = subprocess.run([sys.executable, "-m", "resid", *argv], env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr

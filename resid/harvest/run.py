@@ -547,7 +547,7 @@ class Runner:
                 rel = store.stats_path(site)
                 meta = {"writer": store.WRITER, "run_id": self.run_id, "site": site,
                         "window": json.dumps(list(s.window)), "k": str(s.k)}  # fmt: skip
-                listed[rel] = store.save_tensors(out, rel, merged.summary(), meta)
+                listed[rel] = store.save_tensors(out, rel, merged.summary(), meta, durable=True)
                 site_info[site] = {"units": merged.n_units, "stats": rel}
         info = {
             **self.record,

@@ -78,11 +78,20 @@ def _ours(rel: str) -> bool:
 # ---- writing --------------------------------------------------------------------------------
 
 
-def save_tensors(folder: Path, rel: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+def save_tensors(
+    folder: Path, rel: str, tensors: dict[str, Tensor], meta: dict[str, str], durable: bool = False
+) -> str:
     """Write ``tensors`` (with string ``meta``) to ``folder/rel`` as safetensors, whole or
-    not at all, through a temporary resid can recognise; returns the file's SHA-256."""
+    not at all, through a temporary resid can recognise; returns the file's SHA-256.
+
+    A killed process leaves the old file or the new one either way; ``durable`` also
+    fsyncs, for a power cut (the final statistics; not each chunk's shard and state, where
+    an fsync a chunk would cost more than the forward on a shared filesystem).
+
+    >>> save_tensors(Path("h"), "stats/blocks.0.hook_resid_post.safetensors", t, {}, True)
+    """
     data = safetensors.torch.save(tensors, metadata=meta)
-    return files.atomic_write(files.inside(folder, rel), data)
+    return files.atomic_write(files.inside(folder, rel), data, durable=durable)
 
 
 def write_manifest(folder: Path, record: dict, listed: dict[str, str]) -> None:
