@@ -46,7 +46,10 @@ def build_model(
     with torch.device("meta"):
         model = Model(cfg, tokenizer=tokenizer)
     model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype)  # no copy: every tensor is already there
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device != device or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
+        model = model.to(device=device, dtype=dtype)
+    return model
 
 
 def from_hf(
