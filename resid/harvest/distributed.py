@@ -1,5 +1,6 @@
-"""torch.distributed plumbing for a harvest: joining torchrun's process group with a timeout,
-and the few collectives a harvest needs (each a no-op on one process).
+"""torch.distributed plumbing for a harvest: ``resid.core.distributed``'s (shared with
+dataset sweeps and SAE training), with a failure to join raised as a
+:class:`~resid.harvest.errors.HarvestError`.
 
 >>> rank, world, device = init_distributed("cuda")   # (0, 1, cuda) without torchrun
 >>> broadcast(verdict, rank, world)                   # rank 0's object on every rank
@@ -7,78 +8,23 @@ and the few collectives a harvest needs (each a no-op on one process).
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import torch
-import torch.distributed as dist
 
+from resid.core import distributed as core
+from resid.core.distributed import barrier, broadcast, gather, rank_and_world
 from resid.harvest.errors import HarvestError
+
+__all__ = ["barrier", "broadcast", "gather", "init_distributed", "rank_and_world"]
 
 
 def init_distributed(
     device: str | None = None, timeout_s: float = 600.0
 ) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``,
-    …), with gloo on CPU and NCCL on CUDA, and a timeout on the rendezvous and every
-    collective. Returns ``(rank, world_size, device)``; without torchrun, ``(0, 1, device)``.
+    """:func:`resid.core.distributed.init_distributed`, raising :class:`HarvestError`.
 
     >>> rank, world, device = init_distributed("cuda")   # cuda:LOCAL_RANK under torchrun
     """
-    want = (
-        torch.device(device)
-        if device
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    elif world > 1:
-        if not dist.is_available():
-            raise HarvestError("WORLD_SIZE > 1 but this torch has no torch.distributed")
-        backend = "nccl" if want.type == "cuda" else "gloo"
-        try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        except Exception as e:  # rendezvous failures come in many types
-            raise HarvestError(
-                f"could not join the process group ({backend}, {timeout_s:.0f} s timeout): {e}. "
-                "Check MASTER_ADDR/MASTER_PORT (or --rdzv-endpoint) and that every node runs torchrun"
-            ) from e
-        rank = dist.get_rank()
-    else:
-        return 0, 1, want
-    if want.type == "cuda" and want.index is None:
-        want = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(want)
-    return rank, world, want
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, or ``(0, 1)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast(obj, rank: int, world: int):
-    """Rank 0's ``obj`` (any picklable object), on every rank."""
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(obj, rank: int, world: int) -> list | None:
-    """Every rank's ``obj`` in rank order on rank 0 (None on the others)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def barrier(world: int) -> None:
-    """Wait until every rank is here."""
-    if world > 1:
-        dist.barrier()
+    try:
+        return core.init_distributed(device, timeout_s)
+    except core.DistributedError as e:
+        raise HarvestError(str(e)) from e
