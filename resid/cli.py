@@ -6,6 +6,7 @@ resid attention MODEL_OR_PATH "prompt" [--out DIR] [--layers 0,3-5] [--heads 0-3
 resid attention MODEL_OR_PATH --prompts-file prompts.txt [--out DIR]
 resid harvest MODEL_OR_PATH CORPUS --out DIR --sites blocks.5.mlp.hook_post [--activations] [--resume]
 resid dashboard HARVEST_DIR --out DIR [--sites ...] [--units 0-99]
+resid graph MODEL_OR_PATH "prompt" --transcoders DIR --out DIR [--harvest DIR] [--supernodes FILE]
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _harvest(args) -> int:
 
 def _dashboard(args) -> int:
     from resid.harvest.store import read_harvest
-    from resid.interventions import sae as sae_files
+    from resid.sae import files as sae_files
     from resid.viz import dashboard
 
     dashboard.check_out(args.out)  # before loading a model
@@ -159,6 +160,42 @@ def _dashboard(args) -> int:
         progress=not args.quiet, saes=saes,
     )  # fmt: skip
     print(f"resid dashboard: {n} unit page{'s' * (n != 1)} -> {out}/ (open {out / 'index.html'})")
+    return 0
+
+
+def _graph(args) -> int:
+    import json
+
+    from resid.core import files
+    from resid.graphs import attribute
+    from resid.sae import load_transcoders
+    from resid.viz import graph_page
+
+    files.check_target(args.out, "resid.graphs.Graph.save", "--out")  # before any work
+    if args.harvest is not None:
+        from resid.harvest.store import read_harvest
+
+        read_harvest(args.harvest)  # a missing or unfinished harvest: said now, not after
+    groups = None
+    if args.supernodes is not None:
+        groups = json.loads(files.read_regular(args.supernodes, 1 << 20))
+    model = _load(args.model, device=args.device, dtype=_dtype(args.dtype))
+    tcs = load_transcoders(args.transcoders)
+    g = attribute(model, tcs, args.prompt, max_n_logits=args.max_n_logits,
+                  desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
+                  max_feature_nodes=args.max_feature_nodes)  # fmt: skip
+
+    def page(data: dict) -> str:
+        contexts = None
+        if args.harvest is not None:
+            contexts = graph_page.feature_contexts(args.harvest, data, g.tokenizer)
+        return graph_page.render(data, contexts, title=f"attribution graph: {args.prompt[:60]}")
+
+    out = g.save(args.out, slug="graph", node_threshold=args.node_threshold,
+                 edge_threshold=args.edge_threshold, supernodes=groups,
+                 pages={"index.html": page})  # fmt: skip
+    print(f"resid graph: {g.n_features} features, {g.n_logits} logits -> {out}/ "
+          f"(open {out / 'index.html'})")  # fmt: skip
     return 0
 
 
@@ -273,6 +310,23 @@ def main(argv: list[str] | None = None) -> int:
                         "get logit effects and nearest features/neurons (repeatable)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_dashboard)
+
+    p = add("graph", _graph,
+            "an attribution graph of a prompt through transcoders, as JSON and an offline page")  # fmt: skip
+    p.add_argument("prompt", help="the text to trace (BOS is prepended)")
+    p.add_argument("--transcoders", required=True,
+                   help="a folder of transcoders (circuit-tracer's or SAELens' format)")  # fmt: skip
+    p.add_argument("--out", required=True, help="folder to write (graph.json, index.html)")
+    p.add_argument("--harvest", help="a resid harvest of the transcoders' hook_acts sites: "
+                                     "top contexts on each feature's panel")  # fmt: skip
+    p.add_argument("--supernodes", help="a JSON file of [name, node_id, ...] groups to save")
+    p.add_argument("--max-n-logits", type=int, default=10, help="logit nodes at most (10)")
+    p.add_argument("--desired-logit-prob", type=float, default=0.95,
+                   help="probability the logit nodes cover (0.95)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=256, help="targets a backward pass (256)")
+    p.add_argument("--max-feature-nodes", type=int, help="keep the most influential features")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning (0.8)")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning (0.98)")
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -18,7 +18,9 @@ circuit-tracer's are not resid's)::
     /tmp/ctvenv/bin/python scripts/make_graph_fixtures.py [OUT]   # OUT: tests/data/graphs
 
 ``--time`` instead times circuit-tracer's attribute on the same kind of inputs (a larger
-model: ``--time LAYERS D_MODEL``) and prints seconds and peak memory.
+model: ``--time LAYERS D_MODEL``, saved under /tmp/ct-timing-LAYERS-D_MODEL with the
+prompt, for ``scripts/graph_speed.py --folder`` to time resid on the same inputs) and
+prints seconds and peak memory.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ def tokenizer(folder: Path, vocab: int):
     return AutoTokenizer.from_pretrained(str(folder))  # with the name TransformerLens wants
 
 
-def build(n_layers: int, d_model: int, n_heads: int, vocab: int, d_sae: int, folder: Path):
+def build(
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    vocab: int,
+    d_sae: int,
+    folder: Path,
+    enc_scale: float = 2.0,
+):
     """(TransformerLens replacement model, transcoder set) of a seeded random GPT-2-shaped
     model saved under ``folder/model`` and transcoders under ``folder/transcoders``."""
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
@@ -95,7 +105,7 @@ def build(n_layers: int, d_model: int, n_heads: int, vocab: int, d_sae: int, fol
     for layer in range(n_layers):
         scale = d_model**-0.5
         tensors = {
-            "W_enc": torch.randn(d_sae, d_model, generator=gen) * 2 * scale,
+            "W_enc": torch.randn(d_sae, d_model, generator=gen) * enc_scale * scale,
             "W_dec": torch.randn(d_sae, d_model, generator=gen) * scale,
             "b_enc": torch.randn(d_sae, generator=gen) * 0.3 - 2.5,  # sparse: a few % active
             "b_dec": torch.randn(d_model, generator=gen) * 0.1,
@@ -168,8 +178,12 @@ def timing(n_layers: int, d_model: int, n_pos: int = 16) -> None:
 
     tmp = Path(f"/tmp/ct-timing-{n_layers}-{d_model}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model, _ = build(n_layers, d_model, max(1, d_model // 64), 49152, 4 * d_model, tmp)
-    tokens = torch.tensor([0] + [int(i) for i in torch.randint(1, 49151, (n_pos - 1,))])
+    model, _ = build(
+        n_layers, d_model, max(1, d_model // 64), 49152, 4 * d_model, tmp, enc_scale=1.0
+    )  # about 0.6 % of features active, as trained ones
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.tensor([0] + torch.randint(1, 49151, (n_pos - 1,), generator=gen).tolist())
+    (tmp / "tokens.json").write_text(json.dumps(tokens.tolist()))
     start = time.perf_counter()
     graph = attribute(tokens, model, batch_size=256)
     took = time.perf_counter() - start

@@ -16,6 +16,13 @@ error term against the plain model's.
 
     python scripts/train_sae.py                                  # toy model, both architectures
     python scripts/train_sae.py --arch topk --k 8 --out runs/sae   # one, elsewhere
+    python scripts/train_sae.py --transcoders --skip               # a transcoder per layer
+
+``--transcoders`` trains one (skip) transcoder per layer instead: it reads
+``blocks.L.ln2.hook_normalized`` and is trained to output ``blocks.L.hook_mlp_out``
+(loss ‖mlp_out - x̂‖² + λ Σ_i a_i ‖W_dec[i]‖, ReLU), saved in circuit-tracer's format
+under ``OUT/transcoders`` (``resid.sae.load_transcoders`` reads it), with each layer's
+explained variance of the MLP's output and mean L0.
 
 Runs in a couple of minutes on one CPU core for the committed toy model (notebooks/toy-induction).
 """
@@ -30,7 +37,7 @@ from pathlib import Path
 import torch
 
 import resid
-from resid.sae import SAE, SAEConfig
+from resid.sae import SAE, SAEConfig, Transcoder, TranscoderConfig, save_transcoders
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
@@ -143,6 +150,60 @@ def evaluate(model: resid.Model, sae: SAE, data: torch.Tensor, tokens: torch.Ten
     }
 
 
+def train_transcoder(
+    model: resid.Model,
+    layer: int,
+    d_sae: int = 256,
+    l1: float = 0.3,
+    steps: int = 2000,
+    skip: bool = False,
+    batch: int = 1024,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> tuple[Transcoder, dict]:
+    """A ReLU transcoder for block ``layer``'s MLP (``ln2.hook_normalized`` ->
+    ``hook_mlp_out``), and its held-out explained variance and mean L0.
+
+    >>> tc, stats = train_transcoder(toy, 1, d_sae=256, steps=500)
+    """
+    read, write = f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+    x, _ = activations(model, read, 32, seed)
+    y, _ = activations(model, write, 32, seed)
+    x_test, _ = activations(model, read, 8, seed + 1000)
+    y_test, _ = activations(model, write, 8, seed + 1000)
+    d = x.shape[-1]
+    tc = Transcoder(TranscoderConfig(d_in=d, d_sae=d_sae, d_out=y.shape[-1], hook_name=read,
+                                     hook_name_out=write, skip=skip))  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        W = torch.randn(d_sae, y.shape[-1], generator=g)
+        tc.W_dec.copy_(0.1 * W / W.norm(dim=-1, keepdim=True))
+        tc.W_enc.copy_(torch.randn(d, d_sae, generator=g) / d**0.5)
+        tc.b_dec.copy_(y.mean(0))
+    opt = torch.optim.Adam(tc.parameters(), lr=lr)
+    warm = steps // 20
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm, (steps - s) / (steps / 5))
+    )
+    for step in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=g)
+        acts = tc.encode(x[i])
+        mse = (tc.decode(acts, x[i]) - y[i]).pow(2).sum(-1).mean()
+        ramp = min(1.0, (step + 1) / warm)
+        loss = mse + ramp * l1 * (acts * tc.W_dec.norm(dim=-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    tc.requires_grad_(False)
+    with torch.no_grad():
+        acts = tc.encode(x_test)
+        err = (tc.decode(acts, x_test) - y_test).pow(2).sum()
+        var = (y_test - y_test.mean(0)).pow(2).sum()
+    return tc, {"explained_variance": 1 - (err / var).item(),
+                "mean_l0": (acts > 0).float().sum(-1).mean().item()}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "notebooks" / "toy-induction"))
@@ -154,11 +215,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--out", default=str(ROOT / "runs" / "sae"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transcoders", action="store_true",
+                   help="train a transcoder per layer (MLP input -> output) instead")  # fmt: skip
+    p.add_argument("--skip", action="store_true", help="transcoders with a linear skip term")
     args = p.parse_args()
 
     torch.set_num_threads(1)  # the matrices are small: one thread is faster on a busy machine
     model = resid.load(args.model, device="cpu")
     t0 = time.perf_counter()
+    if args.transcoders:
+        tcs = []
+        for layer in range(model.cfg.n_layers):
+            tc, stats = train_transcoder(model, layer, args.d_sae, args.l1, args.steps,
+                                         args.skip, seed=args.seed)  # fmt: skip
+            tcs.append(tc)
+            print(f"layer {layer}: explained variance {stats['explained_variance']:.3f}, "
+                  f"L0 {stats['mean_l0']:.1f}")  # fmt: skip
+        out = save_transcoders(tcs, Path(args.out) / "transcoders")
+        print(f"trained in {time.perf_counter() - t0:.0f}s, saved to {out}")
+        return
     data, _ = activations(model, args.site, 32, args.seed)  # 32 × 64 sequences × 49 tokens
     held_out, tokens = activations(model, args.site, 16, args.seed + 1000)
     print(f"{len(data)} training activations at {args.site} ({time.perf_counter() - t0:.1f}s)")

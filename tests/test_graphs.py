@@ -209,3 +209,121 @@ def test_adjacency_equals_circuit_tracers():
     delta = (g.adjacency - ref["adjacency"]).abs().max()
     print(f"max |Δ| vs circuit-tracer: {delta:.3g} (largest edge {scale:.3g})")
     assert delta <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def cli_graph(tmp_path_factory):
+    """``resid graph`` on the fixture model and transcoders, with a harvest of the
+    transcoders' features and a supernode file."""
+    from resid.cli import main
+    from resid.harvest.run import harvest
+
+    tmp = tmp_path_factory.mktemp("cli")
+    model = resid.load(DATA / "model", device="cpu")
+    tcs = load_transcoders(DATA / "transcoders")
+    corpus = tmp / "corpus.txt"
+    gen = torch.Generator().manual_seed(5)
+    corpus.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(1, 500, (40,), generator=gen))
+                                for _ in range(12)))  # fmt: skip
+    sites = [t.name_of("hook_acts") for t in tcs]
+    with model.saes(tcs):
+        harvest(model, corpus, tmp / "harvest", sites, context_length=32, progress=False, k=4)
+    prompt = "w17 w203 w45 w99 w311 w7"
+    first = main(["graph", str(DATA / "model"), prompt, "--transcoders", str(DATA / "transcoders"),
+                  "--out", str(tmp / "g0"), "--device", "cpu"])  # fmt: skip
+    data = json.loads((tmp / "g0" / "graph.json").read_text())
+    feats = [n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    (tmp / "groups.json").write_text(json.dumps([["first two", *feats[:2]]]))
+    code = main(["graph", str(DATA / "model"), prompt, "--transcoders", str(DATA / "transcoders"),
+                 "--out", str(tmp / "g"), "--harvest", str(tmp / "harvest"), "--device", "cpu",
+                 "--supernodes", str(tmp / "groups.json")])  # fmt: skip
+    return tmp, first, code, feats
+
+
+def test_cli_writes_the_graph_page_supernodes_and_contexts(cli_graph):
+    tmp, first, code, feats = cli_graph
+    assert first == 0 and code == 0 and len(feats) >= 2
+    out = tmp / "g"
+    names = {p.name for p in out.iterdir()}
+    assert {"graph.json", "supernodes.json", "index.html", "resid-manifest.json"} <= names
+    data = json.loads((out / "graph.json").read_text())
+    assert data["qParams"]["supernodes"] == [["first two", *feats[:2]]]
+    assert json.loads((out / "supernodes.json").read_text()) == [["first two", *feats[:2]]]
+    page = (out / "index.html").read_text()
+    assert "<script src" not in page and "<link" not in page  # offline: nothing to fetch
+    assert '"contexts": {"' in page  # the harvest's top contexts are in the page
+
+
+def test_cli_bad_input_is_a_clear_error(cli_graph, tmp_path, capsys):
+    from resid.cli import main
+
+    base = ["graph", str(DATA / "model"), "w17 w203", "--device", "cpu"]
+    assert main([*base, "--transcoders", str(DATA / "transcoders"), "--out", str(tmp_path / "a"),
+                 "--harvest", str(tmp_path / "no-harvest")]) == 2  # fmt: skip
+    assert "harvest" in capsys.readouterr().err
+    assert main([*base, "--transcoders", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "transcoders" in capsys.readouterr().err
+    long = " ".join(["w5"] * 70)  # the fixture model's context is 64 tokens
+    assert main(["graph", str(DATA / "model"), long, "--device", "cpu", "--transcoders",
+                 str(DATA / "transcoders"), "--out", str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "n_ctx" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("chromium") is None
+    and __import__("shutil").which("chromium-browser") is None,
+    reason="Chromium not found on PATH",
+)
+def test_graph_page_draws_offline_in_a_browser(cli_graph):
+    import chromium
+
+    tmp, *_ = cli_graph
+    probe = """(() => {
+        const first = document.querySelector('circle.node');
+        first.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+        const feat = Array.from(document.querySelectorAll('circle.node')).find(
+            c => D.contexts[c.dataset.id]);
+        if (feat) feat.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+        return JSON.stringify({nodes: document.querySelectorAll('circle.node').length,
+            edges: document.querySelectorAll('line').length,
+            groups: document.querySelectorAll('rect.group').length,
+            contexts: document.querySelectorAll('#info .ctx').length});
+    })()"""
+    load = chromium.load((tmp / "g" / "index.html").as_uri(), probe)
+    assert load.errors == []
+    assert all(u.startswith(("file:", "data:", "about:")) for u in load.requests), load.requests
+    state = json.loads(load.value)
+    data = json.loads((tmp / "g" / "graph.json").read_text())
+    assert state["nodes"] == len(data["nodes"]) and state["edges"] == len(data["links"])
+    assert state["groups"] == 1 and state["contexts"] > 0
+    assert chromium.png_pixels(load.screenshot)[..., :3].std() > 20
+
+
+def test_interventions_in_the_replacement_model_are_what_the_graph_predicts():
+    from resid.graphs.steering import effects, intervene
+
+    model = random_model(GPT2)
+    tcs = random_transcoders(model)
+    for t in tcs:  # sparser features: fewer cross their threshold when one moves
+        with torch.no_grad():
+            t.b_enc.sub_(1.0)
+    tokens = torch.arange(3, 12)
+    g = attribute(model, tcs, tokens, batch_size=64, max_n_logits=3, desired_logit_prob=0.99)
+    _, _, scores = g.prune()
+    top = scores[: g.n_features].argsort()[:8].tolist()
+    # a small change crosses no ReLU threshold: the graph's prediction is exact
+    pred, act = effects(model, tcs, g, [[i] for i in top], scale=0.9, mode="replacement")
+    assert torch.allclose(pred, act, atol=1e-4, rtol=1e-3), (pred, act)
+    assert act.abs().max() > 1e-2
+    # ablation may wake features the graph does not have: close, not exact
+    pred, act = effects(model, tcs, g, [[i] for i in top], scale=0.0, mode="replacement")
+    assert torch.corrcoef(torch.stack([pred.flatten(), act.flatten()]))[0, 1] > 0.99
+    # scale 1 changes nothing, in every mode; the real model's change is a real change
+    for mode in ("real", "frozen_attention", "replacement"):
+        same = intervene(model, tcs, tokens, [tuple(g.active_features[top[0]].tolist())], 1.0, mode)
+        assert torch.allclose(same, model(tokens[None])[0], atol=1e-4), mode
+    real = intervene(model, tcs, tokens, [tuple(g.active_features[top[0]].tolist())], 0.0)
+    assert (real - model(tokens[None])[0]).abs().max() > 1e-4 and not model.has_hooks()
+    with pytest.raises(ValueError, match="no feature"):
+        intervene(model, tcs, tokens, [(0, 99, 0)])

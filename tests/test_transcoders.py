@@ -69,7 +69,7 @@ def test_splice_reads_one_site_writes_another_and_keeps_the_logits(read):
             got, cache = m.run_with_cache(tokens)
             assert tc.name_of("hook_acts") in m.hook_dict
         assert tc.name_of("hook_acts") not in m.hook_dict and not m.has_hooks()
-        _, ref = m.run_with_cache(tokens)
+        _, ref = m.run_with_cache(tokens, names_filter=[tc.hook_name, "blocks.1.hook_mlp_out"])
         no_error = m.run_with_saes(tokens, [tc], use_error_term=False)
     assert torch.equal(got, want)
     x = ref[tc.hook_name]

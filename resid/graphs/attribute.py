@@ -293,11 +293,14 @@ class _Backward:
     def _score(self, grad: Tensor, layer: int) -> None:
         g = grad.float()
         idx = self.by_layer[layer]
-        if len(idx):
+        if len(idx):  # each feature's write vector against the gradient at its position
             pos = self.active[idx, 1]
-            self.buffer[:, idx] += (g[:, pos] * self.decoders[idx]).sum(-1)
+            per_pos = g @ self.decoders[idx].T  # [batch, pos, n]: one GEMM
+            self.buffer[:, idx] += per_pos[:, pos, torch.arange(len(idx))]
         start = self.error_offset + layer * self.n_pos
-        self.buffer[:, start : start + self.n_pos] += (g * self.errors[layer]).sum(-1)
+        self.buffer[:, start : start + self.n_pos] += torch.einsum(
+            "bpd,pd->bp", g, self.errors[layer]
+        )
 
     def rows(self, layers: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
         k = len(layers)

@@ -14,6 +14,7 @@ token embeddings, ``n_logits`` logits. ``adjacency[t, s]`` is the direct effect 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,21 +206,34 @@ class Graph:
         node_threshold: float = 0.8,
         edge_threshold: float = 0.98,
         supernodes: list[list[str]] | None = None,
+        pages: dict[str, str | Callable[[dict], str]] | None = None,
     ) -> Path:
         """Write the pruned graph as ``folder/graph.json`` (circuit-tracer's frontend
         format; ``supernodes``, lists ``[name, node_id, ...]``, go in its ``qParams`` and
-        in ``supernodes.json``), whole or not at all, in a folder resid owns (an existing
-        one is replaced only if empty or written here).
+        in ``supernodes.json``; ``pages``, more text files by name (or functions of the
+        graph's JSON that make them), e.g. ``index.html`` from ``resid.viz.graph_page``, are written beside them), whole or not at all, in a
+        folder resid owns (an existing one is replaced only if empty or written here).
 
         >>> g.save("graphs/capital", supernodes=[["France", "3_12_4", "5_7_4"]])
         """
         data = self.to_json(slug, node_threshold, edge_threshold)
+        pages = dict(pages or {})
+        for name in pages:
+            if (
+                files.check_relpath(name, "a page name") != name
+                or "/" in name
+                or name in (GRAPH_FILE, SUPERNODES_FILE, files.MANIFEST)
+            ):
+                raise ValueError(f"a page is a plain file name other than graph.json, not {name!r}")
         groups = check_supernodes(supernodes or [], {n["node_id"] for n in data["nodes"]})
         data["qParams"]["supernodes"] = groups
         text = json.dumps(data, allow_nan=False)
         with files.replace_folder(folder, WRITER, "folder", durable=True) as tmp:
             (tmp / GRAPH_FILE).write_text(text, encoding="utf-8")
             (tmp / SUPERNODES_FILE).write_text(json.dumps(groups), encoding="utf-8")
+            for name, text in pages.items():
+                page = text(data) if callable(text) else text
+                (tmp / name).write_text(page, encoding="utf-8")
         return files.target(folder)
 
 
