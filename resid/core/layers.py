@@ -525,14 +525,26 @@ class Block(nn.Module):
 
 class KVStore:
     """One layer's keys and values for the positions already run, ``[batch, pos, head,
-    d_head]``: ``extend`` appends the new positions' and returns all of them."""
+    d_head]``: ``extend`` returns them with the new positions' appended, and stages the
+    result (unless frozen) for ``commit`` to keep or ``discard`` to drop, so that a forward
+    that fails part-way changes nothing (see ``resid.core.kv_cache``)."""
 
     def __init__(self, k: Tensor | None = None, v: Tensor | None = None, frozen: bool = False):
         self.k, self.v, self.frozen = k, v, frozen
+        self.staged: tuple[Tensor, Tensor] | None = None
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is not None:
             k, v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
         if not self.frozen:
-            self.k, self.v = k, v
+            self.staged = (k, v)
         return k, v
+
+    def commit(self) -> None:
+        """Keep what the last ``extend`` staged."""
+        if self.staged is not None:
+            (self.k, self.v), self.staged = self.staged, None
+
+    def discard(self) -> None:
+        """Drop what the last ``extend`` staged."""
+        self.staged = None

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from resid.core import inputs
+from resid.core import devices, inputs
 from resid.core.config import Config
 from resid.core.generation import generate
 from resid.core.hooked import Hooked
 from resid.core.hooks import HookPoint
 from resid.core.inputs import Input, Inputs
 from resid.core.kv_cache import KVCache
-from resid.core.layers import Block, Mask, norm
+from resid.core.layers import Block, KVStore, Mask, norm
 from resid.core.tokenizer import Tokenizer
 from resid.core.weights import WeightViews
 
@@ -51,6 +51,8 @@ class Model(Hooked, WeightViews, nn.Module):
     """
 
     padding_side: Literal["right", "left"] = "right"
+    #: each block's device when placed on several (``to_devices``), else None
+    layer_devices: tuple[torch.device, ...] | None = None
 
     def __init__(self, cfg: Config | None = None, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -162,7 +164,7 @@ class Model(Hooked, WeightViews, nn.Module):
             else:
                 tokens = None
         if past_kv_cache is not None:
-            past_kv_cache.check(self, shape[0])
+            past_kv_cache.check(self, shape[0], start_at_layer, stop_at_layer)
         full = mask if past_kv_cache is None else past_kv_cache.keys_mask(mask, shape)
         offset = 0 if past_kv_cache is None else past_kv_cache.length
         if offset + shape[1] > self.cfg.n_ctx:
@@ -176,13 +178,36 @@ class Model(Hooked, WeightViews, nn.Module):
             resid = self.embed(tokens, attn_mask.positions(shape[1], self.device))
         else:
             resid = input
-        kvs = past_kv_cache.layers if past_kv_cache is not None else [None] * self.cfg.n_layers
+        run = (resid, attn_mask, tokens, mask, return_type, loss_per_token)
+        layers = (start_at_layer, stop_at_layer)
+        if past_kv_cache is None:
+            return self._run([None] * self.cfg.n_layers, *run, *layers)
+        with past_kv_cache.extending(self, full, shape):  # all or nothing, even on Ctrl-C
+            return self._run(past_kv_cache.layers, *run, *layers)
+
+    def _run(
+        self,
+        kvs: list[KVStore] | list[None],
+        resid: Float[Tensor, "batch pos d_model"],
+        attn_mask: Mask,
+        tokens: Int[Tensor, "batch pos"] | None,
+        mask: Bool[Tensor, "batch pos"] | None,
+        return_type: Literal["logits", "loss"] | None,
+        loss_per_token: bool,
+        start_at_layer: int | None,
+        stop_at_layer: int | None,
+    ) -> Tensor | None:
+        """The blocks from ``start_at_layer`` to ``stop_at_layer``, then (unless stopped)
+        the unembedding and the loss, as ``forward`` asks."""
         for layer in range(self.cfg.n_layers)[start_at_layer:stop_at_layer]:
-            resid = self.blocks[layer](resid, attn_mask, kvs[layer])
-        if past_kv_cache is not None:
-            past_kv_cache.advance(full, shape)
+            block = self.blocks[layer]
+            if self.layer_devices is not None:  # placed on several devices: move the stream
+                resid = resid.to(devices.module_device(block))
+            resid = block(resid, attn_mask, kvs[layer])
         if stop_at_layer is not None:
             return resid
+        if self.layer_devices is not None:
+            resid = resid.to(self.device)
         logits = self.unembed(resid, with_logits=return_type is not None)
         if return_type != "loss":
             return logits
@@ -357,6 +382,30 @@ class Model(Hooked, WeightViews, nn.Module):
         return inputs.get_token_position(
             self, single_token, input, mode, prepend_bos, padding_side, attention_mask
         )
+
+    # ---- devices ---------------------------------------------------------------------
+
+    def to_devices(
+        self, device_map: devices.DeviceMap | None = None, n_devices: int | None = None
+    ) -> Model:
+        """Place consecutive blocks on several devices (in place; returns the model):
+        ``"auto"`` shares them among the CUDA devices by free memory, a dict names each
+        range (``{"blocks.0-11": "cuda:0", "blocks.12-23": "cuda:1"}``), a list of devices
+        shares them evenly, ``n_devices=k`` uses ``cuda:0..k-1`` (TransformerLens'); neither
+        is ``"auto"``. The
+        embedding and unembedding stay on the first device; the stream moves at each
+        boundary; hooks and caches see each block's activations on its device.
+
+        >>> model.to_devices({"blocks.0-5": "cuda:0", "blocks.6-11": "cuda:1"})
+        """
+        if device_map is None and n_devices is None:
+            device_map = "auto"
+        size = {n: p.numel() * p.element_size() for n, p in self.named_parameters()}
+        per_block = sum(v for n, v in size.items() if n.startswith("blocks.0."))
+        outside = sum(v for n, v in size.items() if not n.startswith("blocks."))
+        plan = devices.resolve(device_map, self.cfg.n_layers, n_devices, per_block, outside)
+        devices.place(self, plan)
+        return self
 
     # ---- generation ------------------------------------------------------------------
 
