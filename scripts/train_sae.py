@@ -25,19 +25,38 @@ under ``OUT/transcoders`` (``resid.sae.load_transcoders`` reads it), with each l
 explained variance of the MLP's output and mean L0.
 
 Runs in a couple of minutes on one CPU core for the committed toy model (notebooks/toy-induction).
+
+``--harvest`` trains on a harvest's stored activations (``resid harvest --activations``)
+through ``resid.sae.training``: a standard, top-k or JumpReLU SAE at ``--site``, or a
+transcoder from ``--site`` to ``--site-out`` (``--skip``), under torchrun with
+DistributedDataParallel (gloo on CPU, NCCL on GPU). The global batch is ``--batch-size``
+rows drawn from ``--streams`` streams of shards, so 2 ranks and 1 rank train the same
+weights; rank 0 checkpoints to ``--out``, and ``--resume`` continues after a kill::
+
+    torchrun --nproc_per_node 2 scripts/train_sae.py --harvest h --site blocks.5.hook_resid_pre \
+        --arch topk --k 32 --d-sae 8192 --streams 2 --steps 20000 --out runs/sae
+    torchrun --nproc_per_node 2 scripts/train_sae.py ... --out runs/sae --resume   # after a kill
+    python scripts/train_sae.py --synthetic 65536,256 --steps 50 --out /tmp/s      # random rows
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import resid
+from resid.core.distributed import DistributedError, init_distributed
+from resid.harvest.errors import HarvestError
+from resid.harvest.streams import HarvestStreams
 from resid.sae import SAE, SAEConfig, Transcoder, TranscoderConfig, save_transcoders
+from resid.sae.training import TensorStreams, TrainConfig, TrainingError
+from resid.sae.training import train as train_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
@@ -204,11 +223,90 @@ def train_transcoder(
                 "mean_l0": (acts > 0).float().sum(-1).mean().item()}  # fmt: skip
 
 
+def add_distributed(p: argparse.ArgumentParser) -> None:
+    """The options of training on a harvest (or synthetic rows) under torchrun."""
+    d = p.add_argument_group("training on a harvest, on one process or many (torchrun)")
+    d.add_argument(
+        "--harvest", help="a harvest folder with activations (resid harvest --activations)"
+    )
+    d.add_argument(
+        "--synthetic", metavar="ROWS,WIDTH", help="seeded random rows instead (benchmarks)"
+    )
+    d.add_argument("--site-out", help="train a transcoder from --site to this site (hook_mlp_out)")
+    d.add_argument("--batch-size", type=int, default=1024, help="rows per step over all ranks")
+    d.add_argument("--streams", type=int, default=None,
+                   help="data streams (default: the number of ranks); the same streams give the "
+                        "same weights on any number of ranks that divides them")  # fmt: skip
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--warmup", type=int, default=100)
+    d.add_argument("--bandwidth", type=float, default=1e-3, help="JumpReLU's STE kernel width")
+    d.add_argument("--init-threshold", type=float, default=1e-3, help="JumpReLU's first threshold")
+    d.add_argument("--checkpoint-every", type=int, default=500)
+    d.add_argument("--log-every", type=int, default=10)
+    d.add_argument("--dead-after", type=int, default=1000, help="steps without firing: dead")
+    d.add_argument("--buffer-shards", type=int, default=4, help="shards shuffled together")
+    d.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    d.add_argument("--device", default=None, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    d.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds before a missing rank fails the run (rendezvous, collectives)")  # fmt: skip
+    d.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--log", action="store_true", help="a line on stderr per checkpoint (rank 0)")
+
+
+def distributed(args: argparse.Namespace) -> int:
+    """Train on a harvest (or synthetic rows) as this rank of torchrun's process group."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
+    try:
+        streams = args.streams or world
+        cfg = TrainConfig(
+            architecture=args.arch or "topk", d_sae=args.d_sae, k=args.k, l1=args.l1, lr=args.lr,
+            steps=args.steps, batch_size=args.batch_size, streams=streams, seed=args.seed,
+            warmup=args.warmup, bandwidth=args.bandwidth, init_threshold=args.init_threshold,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+            dead_after=args.dead_after,
+        )  # fmt: skip
+        if args.synthetic:
+            rows, width = (int(v) for v in args.synthetic.split(","))
+            if not (0 < rows <= 1 << 26 and 0 < width <= 1 << 14 and rows * width <= 1 << 30):
+                raise ValueError(f"--synthetic {args.synthetic}: at most 2^30 numbers, please")
+            g = torch.Generator().manual_seed(args.seed)
+            data = TensorStreams(torch.randn(rows, width, generator=g), streams, args.seed)
+        else:
+            sites = [args.site] + ([args.site_out] if args.site_out else [])
+            data = HarvestStreams(args.harvest, sites, streams, seed=args.seed,
+                                  buffer_shards=args.buffer_shards)  # fmt: skip
+
+        def log(line: str) -> None:
+            print(f"train_sae: {line}", file=sys.stderr, flush=True)
+
+        dictionary = train_distributed(
+            data, cfg, args.out, args.site, args.site_out, args.skip, resume=args.resume,
+            rank=rank, world=world, device=device, progress=not args.quiet,
+            log=log if args.log else None,
+        )  # fmt: skip
+        if rank == 0:
+            print(f"trained {dictionary!r} for {cfg.steps} steps on {world} rank(s) -> {args.out}")
+    except TrainingError:
+        raise  # the process group may be broken: not destroyed (main exits at once)
+    except BaseException:
+        if created and world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if created and world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "notebooks" / "toy-induction"))
     p.add_argument("--site", default="blocks.1.hook_resid_pre")
-    p.add_argument("--arch", choices=["standard", "topk", "both"], default="both")
+    p.add_argument("--arch", choices=["standard", "topk", "jumprelu", "both"], default=None,
+                   help="the toy model: both by default; --harvest: topk by default")  # fmt: skip
     p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--l1", type=float, default=0.3)
@@ -218,7 +316,22 @@ def main() -> None:
     p.add_argument("--transcoders", action="store_true",
                    help="train a transcoder per layer (MLP input -> output) instead")  # fmt: skip
     p.add_argument("--skip", action="store_true", help="transcoders with a linear skip term")
+    add_distributed(p)
     args = p.parse_args()
+    if args.harvest or args.synthetic:
+        try:
+            sys.exit(distributed(args))
+        except (TrainingError, DistributedError, HarvestError, ValueError, OSError) as e:
+            rank = os.environ.get("RANK", "0")
+            print(f"train_sae.py (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+            if isinstance(e, TrainingError) and dist.is_initialized():
+                # a broken process group aborts in its destructors at exit: leave at once
+                sys.stdout.flush()
+                os._exit(1)
+            sys.exit(1)
+    args.arch = args.arch or "both"
+    if args.arch == "jumprelu":
+        sys.exit("train_sae.py: JumpReLU SAEs train on a harvest (--harvest) or --synthetic rows")
 
     torch.set_num_threads(1)  # the matrices are small: one thread is faster on a busy machine
     model = resid.load(args.model, device="cpu")

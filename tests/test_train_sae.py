@@ -1,0 +1,312 @@
+"""Distributed SAE training (resid.sae.training, scripts/train_sae.py): two ranks on gloo
+against one rank and against a plain training loop written here; a rank killed with
+SIGKILL fails the other with a clear message, and --resume then equals the uninterrupted
+run bit for bit; the JumpReLU's straight-through gradients against their formulas; the
+streams against the harvest's rows; checkpoints owned and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import resid
+import resid.harvest as H
+from resid.core import files
+from resid.harvest.streams import HarvestStreams
+from resid.sae.training import (
+    Objective,
+    TensorStreams,
+    TrainConfig,
+    TrainingError,
+    _JumpReLU,
+    _Step,
+    build,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train_sae.py"
+SITE = "blocks.1.hook_resid_pre"
+TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+# the run the multi-process tests share: long enough that a kill lands mid-run
+CFG = dict(architecture="topk", d_sae=48, k=6, steps=240, batch_size=64, streams=2, seed=3,
+           warmup=20, checkpoint_every=30, lr=3e-3)  # fmt: skip
+TIMEOUT_S = 20  # the process group's timeout in these runs
+
+
+@pytest.fixture(scope="module")
+def harvested(tiny, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    corpus = folder / "c.txt"
+    words = ("cat", "dog", "owl", "fox", "hen", "elk")
+    corpus.write_text(
+        "".join(f"The {w} saw the {v} and the {w} ran.\n" for w in words for v in words)
+    )
+    return H.harvest(tiny, corpus, folder / "h", [SITE, TC_IN, TC_OUT], activations=True,
+                     context_length=16, batch_size=4, shard_batches=1, k=2, window=(1, 1),
+                     progress=False, label="tiny")  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(harvest: Path, out: Path, *extra: str) -> list[str]:
+    c = CFG
+    return [sys.executable, str(SCRIPT), "--harvest", str(harvest), "--site", SITE,
+            "--arch", c["architecture"], "--d-sae", str(c["d_sae"]), "--k", str(c["k"]),
+            "--steps", str(c["steps"]), "--batch-size", str(c["batch_size"]),
+            "--streams", str(c["streams"]), "--seed", str(c["seed"]), "--warmup", str(c["warmup"]),
+            "--checkpoint-every", str(c["checkpoint_every"]), "--lr", str(c["lr"]),
+            "--out", str(out), "--quiet", "--dist-timeout", str(TIMEOUT_S), *extra]  # fmt: skip
+
+
+def _launch(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """``world`` ranks of ``argv`` as torchrun would start them (its environment variables)."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}  # fmt: skip
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    errs = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            errs.append(err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    return errs
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    sae = resid.sae.load(folder / "sae")
+    return {k: getattr(sae, k).detach() for k in sae.cfg.shapes()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(harvested, tmp_path_factory) -> Path:
+    """The uninterrupted run on two gloo ranks."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    _finish(_launch(_argv(harvested, out)))
+    return out
+
+
+def _reference(data: HarvestStreams, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """One process, no DDP, no checkpoints: a top-k SAE trained with plain Adam on the
+    global batches (every stream's rows, in stream order), its learning rate set by hand."""
+    sae = build(cfg, data.widths, data.mean(), SITE)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    batches = data.batches(range(cfg.streams), cfg.batch_size // cfg.streams, 0)
+    for step in range(cfg.steps):
+        (x,) = next(batches)
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        decay = (cfg.steps - step) / (cfg.steps / 5)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(warm, decay)
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        top = pre.topk(cfg.k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        loss = (acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: getattr(sae, k).detach() for k in sae.cfg.shapes()}
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_and_a_plain_loop(harvested, two_ranks, tmp_path):
+    cfg = TrainConfig(**CFG)
+    data = HarvestStreams(harvested, [SITE], cfg.streams, seed=cfg.seed)
+    one = train(data, cfg, tmp_path / "one", SITE, progress=False)
+    two = _weights(two_ranks)
+    plain = _reference(data, cfg)
+    worst = max((getattr(one, k) - two[k]).abs().max().item() for k in two)
+    print(f"max |2 ranks - 1 rank| = {worst:.3g}")
+    assert worst <= 1e-5
+    for k in two:
+        torch.testing.assert_close(getattr(one, k), plain[k], rtol=0, atol=1e-5)
+    assert not torch.equal(two["W_dec"], build(cfg, data.widths, data.mean(), SITE).W_dec)
+    record = json.loads((two_ranks / "training.json").read_text())
+    assert record["step"] == cfg.steps and record["config"] == cfg.to_dict()
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(
+    harvested, two_ranks, tmp_path
+):
+    out = tmp_path / "killed"
+    procs = _launch(_argv(harvested, out, "--log"))
+    try:
+        for line in procs[0].stderr:  # rank 0 logs its checkpoints
+            if "checkpoint step 30 " in line:
+                break
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.perf_counter()
+        _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
+        detected = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+    print(f"rank 0 failed {detected:.2f} s after rank 1 was killed")
+    assert procs[0].returncode == 1, err[-2000:]
+    assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
+    assert detected < TIMEOUT_S + 5
+    step = json.loads((out / "training.json").read_text())["step"]
+    assert 30 <= step < CFG["steps"]
+    _finish(_launch(_argv(harvested, out, "--resume")))
+    resumed, clean = _weights(out), _weights(two_ranks)
+    assert all(torch.equal(resumed[k], clean[k]) for k in clean)  # bit for bit
+    a, b = (files.read_regular(f / "state.safetensors", 1 << 24) for f in (out, two_ranks))
+    assert a == b  # Adam's moments and the dead-feature counters too
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_in_one_process_equals_uninterrupted(tmp_path):
+    """Interrupted right after its checkpoint at step 10 (from the log callback) and
+    resumed, each architecture ends bit for bit where the uninterrupted run does."""
+    data = TensorStreams(torch.randn(500, 12, generator=torch.Generator().manual_seed(0)), 2)
+
+    def stop(line: str) -> None:
+        if "step 10 " in line:
+            raise Interrupted(line)
+
+    for arch in ("standard", "topk", "jumprelu"):
+        cfg = TrainConfig(architecture=arch, d_sae=24, k=3, steps=30, batch_size=32, streams=2,
+                          warmup=5, checkpoint_every=10, l1=0.05)  # fmt: skip
+        clean = train(data, cfg, tmp_path / f"clean-{arch}", SITE, progress=False)
+        with pytest.raises(Interrupted):
+            train(data, cfg, tmp_path / f"cut-{arch}", SITE, progress=False, log=stop)
+        assert json.loads((tmp_path / f"cut-{arch}" / "training.json").read_text())["step"] == 10
+        again = train(data, cfg, tmp_path / f"cut-{arch}", SITE, progress=False, resume=True)
+        for k in clean.cfg.shapes():
+            assert torch.equal(getattr(clean, k), getattr(again, k)), (arch, k)
+        assert not torch.equal(clean.W_dec, build(cfg, (12,), data.mean(), SITE).W_dec)
+
+
+def test_jumprelu_pseudo_derivatives():
+    z = torch.tensor([[0.1, 0.5, 0.5004, 0.7], [0.4996, 0.2, 0.9, 0.3]], requires_grad=True)
+    theta = torch.tensor([0.2, 0.5, 0.5, 0.69], requires_grad=True)
+    eps = 0.002
+    out = _JumpReLU.apply(z, theta, eps)
+    assert torch.equal(out.detach(), torch.where(z > theta, z, 0).detach())
+    g = torch.arange(1.0, 9.0).view(2, 4)
+    dz, dtheta = torch.autograd.grad(out, (z, theta), g)
+    assert torch.equal(dz, (z > theta).float() * g)
+    # d/dθ: -(θ/ε) K((z-θ)/ε) summed over rows, K the rectangle on (-1/2, 1/2)
+    near = ((z - theta).abs() < eps / 2).float()
+    assert torch.allclose(dtheta, (-(theta / eps) * near * g).sum(0).detach())
+    assert dtheta[1] != 0 and dtheta[0] == 0
+    step = _Step.apply(z, theta, eps)
+    dz, dtheta = torch.autograd.grad(step.sum(), (z, theta))
+    assert torch.equal(step.detach(), (z > theta).float()) and torch.equal(dz, torch.zeros_like(z))
+    assert torch.allclose(dtheta, (-(1 / eps) * near).sum(0))
+
+
+def test_streams_cover_the_harvest_and_restart_anywhere(harvested):
+    shards = [s[SITE] for s in H.iter_shards(harvested) if len(s[SITE])]
+    every = torch.cat(shards)
+    data = HarvestStreams(harvested, [SITE], 2, seed=1, buffer_shards=2)
+    rows = sum(s["rows"] for s in data.parts[0])
+    (first,) = next(data.batches(range(1), rows, 0))  # one epoch of stream 0
+    mine = torch.cat(shards[0::2])  # shards 0, 2, 4, ... are stream 0's
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert key(first) == key(mine) and not torch.equal(first, mine)  # every row once, shuffled
+    assert len(every) == data.tokens
+    ten = data.batches(range(2), 7, 0)
+    seq = [next(ten)[0] for _ in range(10)]
+    later = next(data.batches(range(2), 7, 6))[0]
+    assert torch.equal(later, seq[6])  # step 6 without reading steps 0-5
+    (x, y) = next(HarvestStreams(harvested, [TC_IN, TC_OUT], 2).batches(range(2), 5, 0))
+    assert x.shape == y.shape and len(x) == 10
+
+
+def test_transcoder_trains_and_loads(harvested, tmp_path):
+    data = HarvestStreams(harvested, [TC_IN, TC_OUT], 2)
+    cfg = TrainConfig(architecture="standard", d_sae=32, steps=40, batch_size=32, streams=2,
+                      warmup=5, l1=0.01)  # fmt: skip
+    tc = train(data, cfg, tmp_path / "tc", TC_IN, TC_OUT, skip=True, progress=False)
+    (loaded,) = resid.sae.load_transcoders(tmp_path / "tc" / "sae")
+    for k in tc.cfg.shapes():
+        assert torch.equal(getattr(tc, k), getattr(loaded, k)), k
+    (x, y) = next(data.batches(range(2), 200, 0))
+    before = (y - y.mean(0)).pow(2).sum()
+    assert (loaded(x) - y).pow(2).sum() < 0.9 * before  # it learnt something of the MLP
+
+
+def test_checkpoints_are_owned_and_checked(tmp_path):
+    data = TensorStreams(torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), 1)
+    cfg = TrainConfig(d_sae=16, k=2, steps=5, batch_size=8, warmup=1)
+    out = tmp_path / "run"
+    train(data, cfg, out, SITE, progress=False)
+    with pytest.raises(TrainingError, match="already exists: pass --resume"):
+        train(data, cfg, out, SITE, progress=False)
+    with pytest.raises(TrainingError, match=r"lr: 0.002 -> 0.01"):
+        train(data, TrainConfig(**{**cfg.to_dict(), "lr": 0.01}), out, SITE, progress=False,
+              resume=True)  # fmt: skip
+    with pytest.raises(TrainingError, match="rows"):
+        train(TensorStreams(torch.randn(100, 8), 1), cfg, out, SITE, progress=False, resume=True)
+    more = TrainConfig(**{**cfg.to_dict(), "steps": 8})  # --steps may grow
+    train(data, more, out, SITE, progress=False, resume=True)
+    assert json.loads((out / "training.json").read_text())["step"] == 8
+    (out / "state.safetensors").write_bytes(b"\x08" + bytes(20))
+    with pytest.raises(TrainingError, match=r"state.safetensors"):
+        train(data, more, out, SITE, progress=False, resume=True)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(TrainingError, match="already exists"):
+        train(data, cfg, foreign, SITE, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep"
+    with pytest.raises(TrainingError, match="no training checkpoint"):
+        train(data, cfg, foreign, SITE, progress=False, resume=True)
+    with pytest.raises(TrainingError, match="3 ranks"):
+        train(TensorStreams(torch.randn(200, 8), 2), TrainConfig(**{**cfg.to_dict(), "streams": 2}),
+              tmp_path / "x", SITE, progress=False, world=3)  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of streams"):
+        TrainConfig(batch_size=10, streams=3)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        TrainConfig(architecture="gated")
+
+
+def test_objective_loss_is_the_global_mean(tmp_path):
+    """The loss a rank backpropagates is its rows' summed loss × world / global batch: two
+    half-batches' gradients, averaged as DDP averages them, are the whole batch's."""
+    cfg = TrainConfig(architecture="standard", d_sae=16, l1=0.1, batch_size=8)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    sae = build(cfg, (6,), (x.mean(0),), SITE)
+    obj = Objective(sae, cfg)
+    whole = torch.autograd.grad(obj(x, x, 1 / 8, 0.1)[0], sae.W_enc)[0]
+    halves = [torch.autograd.grad(obj(h, h, 2 / 8, 0.1)[0], sae.W_enc)[0] for h in x.split(4)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole, rtol=1e-6, atol=1e-7)
+    acts = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    mse = (acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    by_hand = mse + 0.1 * (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(obj(x, x, 1 / 8, 0.1)[0], by_hand)
