@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from resid.core import names
+from resid.core import devices, names
 from resid.core.layers import KVStore, Mask, affine, row_invariant
 from resid.core.model import Model
 from resid.core.names import act_name
@@ -150,6 +150,14 @@ class Engine:
         self.stage = SITES[site][1]
         self.L = model.cfg.n_layers
         self.b = readout.batch
+        # blocks on several devices (model.to_devices): each copy moves with the stream
+        self.devs = None
+        if model.layer_devices is not None:
+            self.devs = [devices.module_device(block) for block in model.blocks]
+
+    def on(self, layer: int, t: Tensor) -> Tensor:
+        """``t`` on block ``layer``'s device (as it is, on one device)."""
+        return t if self.devs is None else t.to(self.devs[layer])
 
     def c(self, site: str, layer: int) -> Tensor:
         return self.corr[hook_name(site, layer)]
@@ -158,8 +166,8 @@ class Engine:
         """The joining copies' state at their stage, ``[n*b, S, d_model]``, and for an edit
         inside attention the mask of what to replace (``[n, 1, ...]``)."""
         n, s = len(cells), slice(start, None)
-        mask = torch.stack([c.mask for c in cells]).to(self.model.device)
-        clean = self.clean[hook_name(self.site, layer)]
+        mask = self.on(layer, torch.stack([c.mask for c in cells]).to(self.model.device))
+        clean = self.on(layer, self.clean[hook_name(self.site, layer)])
         resid_pre = self.c("resid_pre", layer)[:, s].repeat(n, 1, 1)
         if self.site == "pattern":
             return resid_pre, mask[:, None, :, s, None]  # [n, 1, head, S, 1]
@@ -238,7 +246,7 @@ class Engine:
                 state, edit = self.enter(layer, joining, start)
             last = layer == self.L - 1
             if x is not None:
-                x = self.attend(layer, x, start)
+                x = self.attend(layer, self.on(layer, x), start)
             if stage == "pre":
                 state = self.attend(layer, state, start, edit)
             if last and read_one:
@@ -251,12 +259,14 @@ class Engine:
             if stage == "post":
                 x = _cat(x, state)
             order += joining
+        if self.devs is not None:  # the readout (ln_final, W_U) is on the model's device
+            x = x.to(self.model.device)
         values = self.readout.values(x, start, len(order), read_one)
         return {id(c): v for c, v in zip(order, values, strict=True)}
 
     def _at_read(self, x: Tensor, start: int) -> Tensor:
         """Each copy's row at its read position: ``[N, 1, d_model]``."""
-        rows = self.readout.read_rel(start, len(x) // self.b)
+        rows = self.readout.read_rel(start, len(x) // self.b).to(x.device)
         return x[torch.arange(len(x), device=x.device), rows][:, None]
 
 

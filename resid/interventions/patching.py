@@ -191,7 +191,7 @@ def _cells(site: str, by_pos: bool, L: int, T: int, H: int) -> tuple[tuple[str, 
 
 def _differs(site: str, clean: Tensor, corr: Tensor) -> Tensor:
     """Where clean and corrupted activations differ, shaped like a cell's mask."""
-    diff = clean != corr
+    diff = clean.to(corr.device) != corr  # blocks on several devices: corr is on its block's
     return diff.any(0).any(-1)  # [pos], [pos, head] or [head, pos]
 
 
@@ -260,7 +260,8 @@ def sweep(
         for name in names:
             a = clean_acts[name]
             clean_acts[name] = a[:, :, :Te, :Te] if site == "pattern" else a[:, :Te]
-        readout.prepare(corr[hook_name("resid_post", cfg.n_layers - 1)], corr_logits)
+        final = corr[hook_name("resid_post", cfg.n_layers - 1)].to(model.device)
+        readout.prepare(final, corr_logits)
         # under enclosing hooks every value is a plain forward's metric, the baseline too
         baseline = evaluate(metric, corr_logits, mask) if enclosing else readout.baseline()
 
@@ -315,7 +316,7 @@ def _one_forward(model, tokens, mask, site: str, cell: Cell, clean_acts: dict, m
     clean = clean_acts[name]
 
     def replace(act: Tensor, hook) -> Tensor:
-        return torch.where(m, clean.to(act), act)
+        return torch.where(m.to(act.device), clean.to(act), act)
 
     logits = model.run_with_hooks(Inputs(tokens, mask), fwd_hooks=[(name, replace)])
     return evaluate(metric, logits, mask)
@@ -377,7 +378,7 @@ def attribution_patch(
         else:  # [b, pos, ...] -> [pos]
             est = prod.sum(0).flatten(1).sum(1)
             est = est if by_pos else est.sum(0)
-        per_layer.append(est)
+        per_layer.append(est.cpu())  # blocks on several devices: gathered on the CPU
     values = per_layer[0] if axes[0] != "layer" else torch.stack(per_layer)
     return Labelled(values.cpu() + baseline, axes, site=site, baseline=float(baseline))
 

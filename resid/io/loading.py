@@ -30,6 +30,7 @@ from torch import Tensor
 
 from resid.core import files
 from resid.core.config import Config
+from resid.core.devices import DeviceMap
 from resid.core.model import Model
 from resid.core.tokenizer import Tokenizer
 from resid.io import checkpoint, families
@@ -82,6 +83,9 @@ def load(
     dtype: torch.dtype | None = None,
     config: Config | None = None,
     allow_nonfinite: bool = False,
+    *,
+    device_map: DeviceMap | None = None,
+    n_devices: int | None = None,
 ) -> Model:
     """A ``Model`` with exactly the checkpoint's weights (nothing folded or centred).
 
@@ -95,10 +99,19 @@ def load(
     file, guessed from) the checkpoint. Every config value and every tensor is checked
     before anything is allocated; NaN or Inf weights raise ``CheckpointError`` unless
     ``allow_nonfinite=True`` (then a warning names them). Paths ending in ``.gguf`` are
-    read by ``resid.io.gguf.load_gguf``.
+    read by ``resid.io.gguf.load_gguf``. ``device_map`` (``"auto"``, ``{"blocks.0-11":
+    "cuda:0", "blocks.12-23": "cuda:1"}``, a list of devices) or ``n_devices`` place
+    consecutive blocks on several devices (``Model.to_devices``): the weights are read on
+    the CPU and each block then moved to its device.
 
     >>> model = resid.load("path/to/folder", dtype=torch.bfloat16)
+    >>> model = resid.load("path/to/folder", device_map="auto")     # blocks over the GPUs
     """
+    if device_map is not None or n_devices is not None:
+        if device is not None:
+            raise ValueError("give device= or device_map=/n_devices=, not both")
+        model = load(name_or_path, "cpu", dtype, config, allow_nonfinite)
+        return model.to_devices(device_map, n_devices)
     if str(name_or_path).endswith(".gguf"):
         path = locate(name_or_path)
         if gguf is None:

@@ -296,7 +296,7 @@ class SAE(nn.Module):
             changed = changed or edited
             return out
 
-        flat = self.flatten(x)
+        flat = self.flatten(x.to(self.W_dec.device))  # a no-op unless x is on another device
         # With the error term, the features read x as a constant: the gradient from above
         # reaches x through the error term only (see the module docstring).
         reads = flat.detach().requires_grad_(flat.requires_grad) if use_error_term else flat
@@ -304,14 +304,14 @@ class SAE(nn.Module):
         backward = any(hp.bwd_fns for hp in points)
         if use_error_term and not (changed or backward or watched[3] or watched[4]):
             return x  # only the encoder was observed: no need to decode
-        raw = self._decode(acts, stats).to(x.dtype).view(x.shape)
+        raw = self._decode(acts, stats).to(x).view(x.shape)
         recons = run(self.hook_recons, raw)
         if not use_error_term:
             return recons
         if changed:  # the error term is the clean SAE's, computed without hooks
             with torch.no_grad():
                 _, clean_acts, clean_stats = self._encode(reads.detach())
-                clean = self._decode(clean_acts, clean_stats).to(x.dtype).view(x.shape)
+                clean = self._decode(clean_acts, clean_stats).to(x).view(x.shape)
         else:
             clean = recons.detach()
         error = x - clean
