@@ -1,6 +1,9 @@
 """KV-cached generation against a full-recompute loop written here, and against Hugging
 Face's ``generate`` on the same weights."""
 
+import asyncio
+import concurrent.futures
+import contextvars
 import dataclasses
 import math
 
@@ -210,3 +213,65 @@ def test_mask_with_strings_and_wrong_mask_shape_are_refused(tiny):
     tokens = tiny.to_tokens(PROMPTS[0])
     with pytest.raises(ValueError, match="attention_mask has shape"):
         tiny.generate(tokens, 3, attention_mask=torch.ones(1, 3))
+
+
+# ---- a generator keeps the hooks and SAEs it was started with (core hardening) ----------
+# Web frameworks and asyncio.to_thread run each step in a copied context, or in a thread
+# with a context of its own: the steps must still run with the hooks of the context that
+# made the generator (before: they ran without them, silently).
+
+
+def _steer(model):
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    return [("blocks.1.hook_resid_pre", lambda x, hook: x + 3 * direction)]
+
+
+def _in_thread(fn):
+    """``fn()`` in a new thread (a context of its own, with no hooks), its result or error."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+def test_a_steered_stream_keeps_its_hooks_in_copied_contexts_and_other_threads(tiny):
+    prompt = tiny.to_tokens(PROMPTS[0])
+    with tiny.hooks(_steer(tiny)):
+        want = full_recompute(tiny, prompt, 8)[0, prompt.shape[1] :].tolist()  # the reference
+        copied, plain, later = (stream(tiny, prompt, 8, temperature=0) for _ in range(3))
+        first = [next(g).item() for g in (copied, plain)]
+    assert want != tiny.generate(prompt, 8, temperature=0)[0, prompt.shape[1] :].tolist()
+    assert first == [want[0]] * 2
+    # the rest, one step at a time, each in a fresh copy of a hook-free context elsewhere
+    elsewhere = lambda: contextvars.copy_context().run(next, copied)  # noqa: E731
+    rest = [_in_thread(elsewhere).item() for _ in range(7)]
+    assert [first[0], *rest] == want
+    # a plain thread: its own (empty) context
+    assert [first[1], *_in_thread(lambda: [t.item() for t in plain])] == want
+
+    # iterated only after the `with` block has ended, as asyncio.to_thread does
+    async def drain():
+        return [(await asyncio.to_thread(next, later)).item() for _ in range(8)]
+
+    assert asyncio.run(drain()) == want
+    assert tiny.attached_hooks() == []  # and nothing stayed attached here
+
+
+def test_a_stream_keeps_its_spliced_sae_in_another_thread(tiny):
+    from test_sae import random_sae
+
+    sae = random_sae()
+    prompt = tiny.to_tokens(PROMPTS[2])
+    with tiny.saes([sae], use_error_term=False):
+        want = full_recompute(tiny, prompt, 6)[0, prompt.shape[1] :].tolist()  # no cache
+        steps = stream(tiny, prompt, 6, temperature=0)
+    assert want != tiny.generate(prompt, 6, temperature=0)[0, prompt.shape[1] :].tolist()
+    assert _in_thread(lambda: [t.item() for t in steps]) == want
+
+
+def test_hooks_attached_only_around_a_later_step_are_refused(tiny):
+    """They would not run (the generator keeps its own context's hooks): an error, not a
+    silent unsteered step."""
+    prompt = tiny.to_tokens(PROMPTS[0])
+    steps = stream(tiny, prompt, 4, temperature=0)
+    next(steps)
+    with tiny.hooks(_steer(tiny)), pytest.raises(ValueError, match="before calling stream"):
+        next(steps)

@@ -16,6 +16,7 @@ should run with ``use_kv_cache=False``.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from resid.core import hooks
 from resid.core.inputs import Input, Inputs
 from resid.core.kv_cache import KVCache
 from resid.core.protocols import ModelLike
@@ -148,7 +150,6 @@ def left_padded(
     return tokens.gather(1, order), mask.gather(1, order)
 
 
-@torch.inference_mode()
 def stream(
     model: ModelLike,
     input: Input,
@@ -166,9 +167,64 @@ def stream(
     """Generate token by token: yields each step's new tokens, ``[batch]``, as soon as they
     are chosen. Arguments as ``generate``; prompts are left-padded as there.
 
+    The generator keeps the hooks and spliced SAEs of the context it was made in (the call
+    to ``stream``) and runs every step with them, wherever it is iterated from: another
+    thread, ``asyncio.to_thread``, a web framework's copied context, or after the ``with``
+    block that attached them has ended. Hooks attached only around a later ``next`` would
+    not run, so they are refused with a ``ValueError``: attach them before calling ``stream``.
+
     >>> for tokens in stream(model, ["Hi", "Hello there"], 10, temperature=0):
     ...     print(model.to_string(tokens[:, None]))
+    >>> with model.hooks([("blocks.3.hook_resid_pre", steer)]):
+    ...     steps = stream(model, "Hi", 10)
+    >>> await asyncio.to_thread(next, steps)    # steered, though run in another context
     """
+    args = (max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, eos_token_id)
+    started = contextvars.copy_context()  # its hooks and splices, whoever iterates
+    return _steps(started, model, input, *args, attention_mask, use_kv_cache, _logits)
+
+
+def _hooked_here_only(model: ModelLike, started: contextvars.Context) -> list[str]:
+    """The sites with hooks (or splices) in the caller's context that the context
+    ``started`` lacks."""
+    table = hooks.current()
+    if not table or table is started.run(hooks.current):  # none, or the very same hooks
+        return []
+    now = {(site, d, id(fn)) for site, d, fn, _ in hooks.listed(model.hook_dict)}
+    if not now:
+        return []
+    then = started.run(lambda: {(s, d, id(f)) for s, d, f, _ in hooks.listed(model.hook_dict)})
+    return sorted({site for site, *_ in now - then})
+
+
+@torch.inference_mode()
+def _steps(
+    started: contextvars.Context,
+    model: ModelLike,
+    input: Input,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop_at_eos: bool | None,
+    eos_token_id: int | None,
+    attention_mask: Tensor | None,
+    use_kv_cache: bool,
+    _logits: list[Tensor] | None,
+) -> Iterator[Int[Tensor, " batch"]]:
+    """``stream``'s steps, each forward run in the context ``started``."""
+
+    def forward(inputs: Inputs, cache: KVCache | None) -> Tensor:
+        late = _hooked_here_only(model, started)
+        if late:
+            raise ValueError(
+                f"hooks on {late} were attached after this generator was made: a generator "
+                "runs every step with the hooks and SAEs of the context it was made in, so "
+                "these would not run. Attach them before calling stream (or generate)"
+            )
+        return started.run(model, inputs, past_kv_cache=cache)[:, -1]
+
     _check_args(model, max_new_tokens, temperature, top_k, top_p, seed)
     eos = _eos_id(model, stop_at_eos, eos_token_id)
     tokens, mask = left_padded(model, input, attention_mask)
@@ -187,7 +243,7 @@ def stream(
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     pad = None if eos is None else _pad_id(model, eos)
     cache = KVCache(model) if use_kv_cache else None
-    logits = model(Inputs(tokens, mask), past_kv_cache=cache)[:, -1]  # checked once, above
+    logits = forward(Inputs(tokens, mask), cache)  # checked once, above
     for step in range(max_new_tokens):
         if _logits is not None:
             _logits.append(logits.clone())
@@ -203,12 +259,12 @@ def stream(
         if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
             return
         if cache is not None:
-            logits = model(Inputs(nxt[:, None], None), past_kv_cache=cache)[:, -1]  # ids < d_vocab
+            logits = forward(Inputs(nxt[:, None], None), cache)  # ids < d_vocab
         else:
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            logits = model(Inputs(tokens, mask))[:, -1]
+            logits = forward(Inputs(tokens, mask), None)
 
 
 @torch.inference_mode()

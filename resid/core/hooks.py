@@ -300,6 +300,12 @@ def listed(hook_points: dict[str, HookPoint]) -> list[tuple[str, str, HookFn, bo
     return out
 
 
+def current() -> _Attached:
+    """Every hook attached in the caller's context, as one immutable mapping: the same
+    object until a hook is attached or removed there (so ``is`` tells "no change")."""
+    return _ATTACHED.get()
+
+
 def any_attached(hook_points: Iterable[HookPoint]) -> list[str]:
     """The names of the given sites that have forward or backward hooks in this context."""
     table = _ATTACHED.get()
