@@ -177,3 +177,27 @@ def test_bad_files_and_sites_are_clear_errors(tmp_path):
         TranscoderConfig(d_in=4, d_sae=4, d_out=4, hook_name="blocks.0.hook_resid_mid",
                          hook_name_out="blocks.1.hook_mlp_out")  # fmt: skip
     assert not m.has_hooks()
+
+
+def test_circuit_tracer_mlp_hook_in_transcoders_fold_the_gain(tmp_path):
+    m = model()
+    with torch.no_grad():
+        m.blocks[1].ln2.b.normal_(0, 0.5)
+    out = save_transcoders(
+        [transcoder(layer=0, seed=4), transcoder(layer=1, seed=5)], tmp_path / "t"
+    )
+    text = (out / "config.yaml").read_text().replace("ln2.hook_normalized", "mlp.hook_in")
+    (out / "config.yaml").write_text(text)
+    raw = load_file(str(out / "layer_1.safetensors"))
+    tcs = load_transcoders(out, model=m)
+    assert tcs[1].hook_name == "blocks.1.ln2.hook_normalized"
+    tokens = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, cache = m.run_with_cache(tokens, names_filter=["blocks.1.ln2.hook_normalized"])
+        n = cache["blocks.1.ln2.hook_normalized"]
+        ln = m.blocks[1].ln2
+        mlp_in = n * ln.w + ln.b  # what circuit-tracer's mlp.hook_in sees
+        pre = mlp_in @ raw["W_enc"].T + raw["b_enc"]
+        want = torch.relu(pre) @ raw["W_dec"] + raw["b_dec"] + mlp_in @ raw["W_skip"].T
+        assert torch.allclose(tcs[1].encode_pre(n), pre, atol=1e-4)
+        assert torch.allclose(tcs[1](n), want, atol=1e-4)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from resid.core import files
+from resid.core.protocols import ModelLike
 from resid.sae.config import SAEError, parse_json, show
 from resid.sae.transcoder import Transcoder, TranscoderConfig
 
@@ -43,11 +44,16 @@ CT_SITES = {
 }
 
 
-def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> list[Transcoder]:
+def load_transcoders(
+    path: str | Path, dtype: torch.dtype = torch.float32, model: ModelLike | None = None
+) -> list[Transcoder]:
     """The transcoders in ``path``: a circuit-tracer folder (``config.yaml`` or
     ``layer_{i}.safetensors`` files, read as MLP-input-to-``hook_mlp_out`` transcoders of
     ``ln2.hook_normalized`` unless the config says otherwise) or a SAELens transcoder
-    folder (``cfg.json``). A list, by layer.
+    folder (``cfg.json``). A list, by layer. circuit-tracer's ``mlp.hook_in`` (the MLP's
+    input, after ``ln2``'s gain and bias: Llama-family transcoders) needs ``model``: the
+    gain and bias of each ``ln2`` are folded into the encoder (and skip), exactly, and the
+    transcoder reads ``ln2.hook_normalized``.
 
     >>> tcs = resid.sae.load_transcoders("transcoders/")
     """
@@ -64,14 +70,21 @@ def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> li
                 f"{folder / CONFIG}: model_kind {show(kind)} is not supported (resid reads "
                 "per-layer transcoder sets; cross-layer transcoders are not supported)"
             )
-        read = _site(cfg.get("feature_input_hook", "ln2.hook_normalized"), folder)
+        read = "ln2.hook_normalized"  # circuit-tracer's default
+        fold = cfg.get("feature_input_hook") == "mlp.hook_in"
+        if fold and model is None:
+            raise SAEError(
+                f"{folder / CONFIG}: these transcoders read mlp.hook_in (after ln2's gain): "
+                "pass model= to load_transcoders to fold the gain into them"
+            )
+        read = "ln2.hook_normalized" if fold else _site(cfg.get("feature_input_hook", read), folder)
         write = _site(cfg.get("feature_output_hook", "hook_mlp_out"), folder)
         paths = cfg.get("transcoders")
         if not isinstance(paths, list) or not 0 < len(paths) <= MAX_LAYERS:
             raise SAEError(f"{folder / CONFIG}: 'transcoders' must list one file per layer")
         layer_files = [files.inside(folder, p, "a transcoder file") for p in paths]
     else:
-        read, write = "ln2.hook_normalized", "hook_mlp_out"
+        read, write, fold = "ln2.hook_normalized", "hook_mlp_out", False
         layer_files = []
         while (folder / f"layer_{len(layer_files)}.safetensors").is_file():
             layer_files.append(folder / f"layer_{len(layer_files)}.safetensors")
@@ -82,10 +95,32 @@ def load_transcoders(path: str | Path, dtype: torch.dtype = torch.float32) -> li
                 f"{folder} holds neither cfg.json (SAELens), config.yaml nor layer_0.safetensors "
                 "(circuit-tracer): it is not a folder of transcoders"
             )
-    return [
+    tcs = [
         _load_ct_layer(p, layer, f"blocks.{layer}.{read}", f"blocks.{layer}.{write}", dtype)
         for layer, p in enumerate(layer_files)
     ]
+    return [_fold_gain(t, model) for t in tcs] if fold else tcs
+
+
+def _fold_gain(tc: Transcoder, model: ModelLike) -> Transcoder:
+    """``tc`` read from ``ln2``'s output (``normalized * w + b``) made to read
+    ``ln2.hook_normalized``: ``W_enc <- w[:, None] * W_enc``, ``b_enc += b @ W_enc``, and the
+    same for a skip term (its bias into ``b_dec``)."""
+    if tc.layer >= model.cfg.n_layers:
+        raise SAEError(f"{tc!r} is for layer {tc.layer}; {model!r} has {model.cfg.n_layers}")
+    ln = model.blocks[tc.layer].ln2
+    w = ln.w.detach().to(tc.W_enc.dtype)
+    b = getattr(ln, "b", None)
+    b = torch.zeros_like(w) if b is None else b.detach().to(w.dtype)
+    if w.shape[0] != tc.cfg.d_in:
+        raise SAEError(f"{tc!r} reads width {tc.cfg.d_in}, {model!r}'s ln2 has {w.shape[0]}")
+    with torch.no_grad():
+        tc.b_enc += b @ tc.W_enc
+        tc.W_enc.mul_(w[:, None])
+        if tc.cfg.skip:
+            tc.b_dec += b @ tc.W_skip
+            tc.W_skip.mul_(w[:, None])
+    return tc
 
 
 def save_transcoders(transcoders: list[Transcoder], folder: str | Path) -> Path:
@@ -132,15 +167,9 @@ def save_transcoders(transcoders: list[Transcoder], folder: str | Path) -> Path:
 
 def _site(value: object, folder: Path) -> str:
     if value not in CT_SITES:
-        fix = ""
-        if value == "mlp.hook_in":
-            fix = (
-                " (the MLP's input after ln2's gain: resid reads ln2.hook_normalized, before "
-                "the gain; fold the gain into W_enc to use these)"
-            )
         raise SAEError(
             f"{folder / CONFIG}: the site {show(value)} is not one resid splices a transcoder "
-            f"at{fix}; resid knows {', '.join(CT_SITES)}"
+            f"at; resid knows {', '.join(CT_SITES)} and mlp.hook_in (with model=)"
         )
     return CT_SITES[value]
 
