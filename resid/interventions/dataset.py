@@ -148,7 +148,7 @@ def run_dataset(
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(total=total, unit="item", desc="dataset", disable=not progress or rank != 0)
     kept: list[tuple[Tensor, Tensor, Tensor]] = []  # rank 0: (values, baselines, rows)
-    template: Labelled | None = None
+    template: dict | None = None  # the results' axes, labels and site
     items = iter(data)
     chunk = 0
     try:
@@ -165,7 +165,7 @@ def run_dataset(
                             "dataset, or start a new folder"
                         )
                     kept.append((saved["values"], saved["baselines"], saved["rows"]))
-                    template = template or _template(model, fn, parsed[0])
+                    template = store.result
                 bar.update(len(batch))
                 chunk += 1
                 continue
@@ -179,14 +179,20 @@ def run_dataset(
             gathered = gather(mine, rank, world)
             if rank == 0:
                 results = sorted((r for part in gathered for r in part), key=lambda r: r[0])
-                template = template or results[0][1]
+                first = results[0][1]
+                template = template or {
+                    "axes": list(first.axes),
+                    "shape": list(first.values.shape),
+                    "names": {k: list(v) for k, v in first.names.items()},
+                    "site": first.site,
+                }
                 values = _stack([r[1] for r in results], template, start)
                 baselines = torch.tensor([float(r[1].baseline) for r in results])
                 rows = torch.tensor([r[2] for r in results], dtype=torch.int64)
                 kept.append((values, baselines, rows))
                 if store is not None:
                     store.write(chunk, {"values": values, "baselines": baselines,
-                                        "rows": rows, "digest": _digest(parsed)})  # fmt: skip
+                                        "rows": rows, "digest": _digest(parsed)}, template)  # fmt: skip
                 if world > 1:
                     bar.update(len(batch))
             chunk += 1
@@ -218,24 +224,19 @@ def _digest(parsed: list) -> Tensor:
     return digest(tensors)
 
 
-def _template(model: Model, fn: ItemFn, parsed) -> Labelled:
-    """A result's axes and labels, from one item (on resume, when every chunk was written)."""
-    clean, corrupted, use, mask = parsed
-    return fn(model, corrupted, clean, use, mask)
-
-
-def _stack(results: list[Labelled], template: Labelled, start: int) -> Tensor:
+def _stack(results: list[Labelled], template: dict, start: int) -> Tensor:
+    shape = tuple(template["shape"])
     for i, r in enumerate(results):
-        if r.axes != template.axes or r.values.shape != template.values.shape:
+        if list(r.axes) != template["axes"] or tuple(r.values.shape) != shape:
             raise DatasetError(
-                f"item {start + i}'s result has axes {r.axes} {tuple(r.values.shape)}, the first "
-                f"item's {template.axes} {tuple(template.values.shape)}: items of a dataset "
+                f"item {start + i}'s result has axes {r.axes} {tuple(r.values.shape)}, the "
+                f"first's {tuple(template['axes'])} {tuple(shape)}: items of a dataset "
                 "sweep need the same length (pad them, with attention_mask), or by_pos=False"
             )
     return torch.stack([r.values.float() for r in results])
 
 
-def _result(kept: list, template: Labelled | None) -> DatasetResult:
+def _result(kept: list, template: dict | None) -> DatasetResult:
     if template is None:
         raise DatasetError("the dataset has no items")
     values = torch.cat([k[0] for k in kept])
@@ -245,9 +246,14 @@ def _result(kept: list, template: Labelled | None) -> DatasetResult:
     view = (-1,) + (1,) * (values.dim() - 1)
     mean = (values.double() * weights.view(view)).sum(0).float()
     base = float((baselines.double() * weights).sum())
-    names = dict(template.names)
-    per_item = Labelled(values, ("item", *template.axes), names, template.site, base)
-    mean_l = Labelled(mean, template.axes, names, template.site, base)
+    axes, names, site = tuple(template["axes"]), template["names"], template["site"]
+    if values.shape[0] != len(rows) or values.dim() != len(axes) + 1:
+        raise DatasetError(f"the results ({tuple(values.shape)}) do not have axes {axes}")
+    try:
+        per_item = Labelled(values, ("item", *axes), names, site, base)
+        mean_l = Labelled(mean, axes, names, site, base)
+    except ValueError as e:
+        raise DatasetError(f"the results do not match their description: {e}") from e
     return DatasetResult(per_item, mean_l, baselines, rows)
 
 

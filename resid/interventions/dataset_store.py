@@ -54,6 +54,7 @@ class Store:
         self.out, self.identity = files.target(out), json.loads(json.dumps(identity))
         self.files: dict[str, str] = {}
         self.done = 0
+        self.result: dict | None = None  # the result's axes, labels and site (JSON)
         if resume and self.out.exists():
             self._open()
         elif self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -82,7 +83,10 @@ class Store:
             raise DatasetError(
                 f"{self.out}: the manifest lists {sorted(listed)[:4]}…, not chunks 0..{n - 1}"
             )
-        self.files, self.done = dict(listed), n
+        result = manifest.get("result")
+        if n and not _result_ok(result):
+            raise DatasetError(f"{self.out}: the manifest's result description is not valid")
+        self.files, self.done, self.result = dict(listed), n, result
 
     def read(self, chunk: int) -> dict[str, Tensor]:
         """Chunk ``chunk``'s tensors, checked against the manifest's hash."""
@@ -99,12 +103,20 @@ class Store:
             raise DatasetError(f"{path} is not a safetensors file: {e}") from e
         want = {"values", "baselines", "rows", "digest"}
         n = len(tensors.get("rows", ()))
-        if set(tensors) != want or any(len(tensors[k]) != n for k in ("values", "baselines")):
+        dtypes = {"values": torch.float32, "baselines": torch.float32, "rows": torch.int64,
+                  "digest": torch.uint8}  # fmt: skip
+        if (
+            set(tensors) != want
+            or any(tensors[k].dtype != d for k, d in dtypes.items())
+            or any(len(tensors[k]) != n for k in ("values", "baselines"))
+            or list(tensors["values"].shape[1:]) != (self.result or {}).get("shape")
+        ):
             raise DatasetError(f"{path} does not hold a chunk's results ({sorted(tensors)})")
         return tensors
 
-    def write(self, chunk: int, tensors: dict[str, Tensor], complete: bool = False) -> None:
-        """Write chunk ``chunk`` (the next one), then the manifest that lists it."""
+    def write(self, chunk: int, tensors: dict[str, Tensor], result: dict) -> None:
+        """Write chunk ``chunk`` (the next one), then the manifest that lists it and
+        ``result`` (the axes, labels and site of every item's result)."""
         if chunk != self.done:
             raise DatasetError(f"chunk {chunk} written after {self.done} chunks")
         rel = chunk_path(chunk)
@@ -116,8 +128,8 @@ class Store:
             {k: v.contiguous() for k, v in tensors.items()}, metadata={"writer": WRITER}
         )
         self.files[rel] = files.atomic_write(path, data, durable=False)
-        self.done = chunk + 1
-        self._manifest("complete" if complete else "running")
+        self.done, self.result = chunk + 1, result
+        self._manifest("running")
 
     def finish(self) -> None:
         """Mark the sweep complete (every chunk written)."""
@@ -125,7 +137,8 @@ class Store:
 
     def _manifest(self, status: str) -> None:
         body = {"writer": WRITER, "files": dict(sorted(self.files.items())),
-                "job": self.identity, "chunks": self.done, "status": status}  # fmt: skip
+                "job": self.identity, "chunks": self.done, "status": status,
+                "result": self.result}  # fmt: skip
         files.atomic_write(self.out / files.MANIFEST, (json.dumps(body, indent=1) + "\n").encode())
 
     def _check_ours(self, path: Path) -> None:
@@ -142,6 +155,26 @@ class Store:
             raise DatasetError(
                 f"{path} exists and was not written by this sweep: move it, or choose a new folder"
             )
+
+
+def _result_ok(result) -> bool:
+    """``{"axes": [str], "shape": [int], "names": {str: [str]}, "site": str | None}``."""
+    if not isinstance(result, dict) or set(result) != {"axes", "shape", "names", "site"}:
+        return False
+    axes, names, site, shape = result["axes"], result["names"], result["site"], result["shape"]
+    return (
+        isinstance(axes, list)
+        and isinstance(shape, list)
+        and len(shape) == len(axes)
+        and all(type(n) is int and 0 <= n <= 1 << 31 for n in shape)
+        and all(isinstance(a, str) for a in axes)
+        and isinstance(names, dict)
+        and all(
+            k in axes and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in names.items()
+        )
+        and (site is None or isinstance(site, str))
+    )
 
 
 def digest(tensors: list[Tensor]) -> Tensor:
