@@ -44,6 +44,8 @@ def _compare(args) -> int:
 
 
 def _info(args) -> int:
+    from resid.core import names
+
     model = _load(args.model, device=args.device, dtype=_dtype(args.dtype))
     n_params = sum(p.numel() for p in model.parameters())
     print(model)
@@ -52,8 +54,8 @@ def _info(args) -> int:
     width = max(map(len, config)) + 2  # two spaces after the longest name
     for key, value in config.items():
         print(f"  {key:<{width}}{value}")
-    per_block = [n.split(".", 2)[2] for n in model.hook_names if n.startswith("blocks.0.")]
-    outer = [n for n in model.hook_names if not n.startswith("blocks.")]
+    per_block = [names.parse(n).site.path for n in model.hook_names if names.layer_of(n) == 0]
+    outer = [n for n in model.hook_names if names.layer_of(n) is None]
     print(f"hook sites: {len(model.hook_names)}")
     print(f"  outside the blocks: {', '.join(outer)}")
     print(f"  in each block (blocks.{{l}}.…): {', '.join(per_block)}")

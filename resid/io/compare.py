@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from resid.core import names
 from resid.core.model import Model
 from resid.io.gguf import load_gguf
 from resid.io.loading import build, read
@@ -158,11 +159,14 @@ def compare(
         bridge = transformer_lens_bridge(hf, device, copy=False, config_from=config_from)
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
     # hook_result is off in the bridge unless enabled; compare every site it caches by default
-    shared = [
-        n for n in model.hook_names if n in bridge.hook_dict and not n.endswith("hook_result")
-    ]
+    left_out = {"result"}
     if model.cfg.architecture == "gpt_neo":  # the bridge's GPT-Neo scores hold the pattern
-        shared = [n for n in shared if not n.endswith("hook_attn_scores")]
+        left_out.add("attn_scores")
+    shared = [
+        n
+        for n in model.hook_names
+        if n in bridge.hook_dict and names.site_info(n).short not in left_out
+    ]
     _, tl_cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in shared)
     _, cache = model.run_with_cache(tokens, names_filter=shared)
     report.sites = {
@@ -192,7 +196,7 @@ def format_report(report: Report) -> str:
         lines += ["", f"hook sites vs TransformerLens ({len(report.sites)} shared; worst {worst}):"]
         groups: dict[str, float] = {}
         for name, d in report.sites.items():
-            key = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+            key = names.site_info(name).path  # one row per site, over every layer
             groups[key] = max(groups.get(key, 0.0), d)
         lines += [f"  {k:<28}{v:>12.3e}" for k, v in groups.items()]
         lines.append("  all sites ok" if report.sites_ok else "  SOME SITES BEYOND TOLERANCE")
