@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from make_tiny_gpt2 import save  # this folder: atomic, with the umask's permissions
+
 V = 50257  # GPT-2's vocabulary, so GPT-2's tokenizer fits
 EOT = V - 1  # <|endoftext|>: BOS and EOS
 
@@ -74,8 +76,8 @@ def write(out: str | Path, families: list[str] | None = None, std: float = 0.1, 
             for pname, p in model.named_parameters():
                 gain = p.dim() == 1 and "norm" in pname and pname.endswith("weight")
                 p.normal_(1.0 if gain else 0.0, std)
-        model.save_pretrained(out / name)
-        written.append(out / name)
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(save(model, out / name))
     return written
 
 

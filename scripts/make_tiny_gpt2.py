@@ -10,10 +10,31 @@ The weights are scaled up from GPT-2's init so that logits are O(1-10), not near
 
 import argparse
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "gpt2-random"  # where the README's set-up writes it
+
+
+def save(model, out: str | Path) -> Path:
+    """``model.save_pretrained(out)``, but into a temporary sibling first, then moved into
+    place file by file (the weights last), so a kill leaves no half-written checkpoint; and
+    every file gets the umask's permissions (transformers writes the weights owner-only)."""
+    out = Path(out)
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):
+            f.chmod(0o666 & ~mask)
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # empty unless something failed
+    return out
 
 
 def write(out: str | Path, layers: int = 12, heads: int = 12, d_model: int = 768,
@@ -22,8 +43,7 @@ def write(out: str | Path, layers: int = 12, heads: int = 12, d_model: int = 768
     from resid.io.references import random_hf_gpt2  # transformers: the dev extra
 
     shape = dict(n_layer=layers, n_head=heads, n_embd=d_model, n_positions=n_ctx)
-    random_hf_gpt2(seed, std, **shape).save_pretrained(out)
-    return Path(out)
+    return save(random_hf_gpt2(seed, std, **shape), out)
 
 
 def _hub_cache() -> Path:
@@ -62,7 +82,7 @@ def notebook_model(env: str = "RESID_MODEL") -> str:
         return os.environ[env]
     if _gpt2_reachable():
         return "gpt2"
-    made = "" if (STANDIN / "config.json").is_file() else " (writing it now, about 20 s)"
+    made = "" if (STANDIN / "model.safetensors").is_file() else " (writing it now, about 20 s)"
     print(f"No {env} and no GPT-2 offline: using the random stand-in {STANDIN.name}/{made}; "
           "its numbers are shapes, not findings.")  # fmt: skip
     if made:
