@@ -150,6 +150,9 @@ def test_pruning_keeps_tokens_and_logits_and_the_folder_is_circuit_tracer_json(t
     model = random_model(GPT2)
     tcs = random_transcoders(model)
     g = attribute(model, tcs, torch.arange(3, 11), batch_size=64)
+    with torch.no_grad():  # a caller's no_grad does not stop the backward passes
+        again = attribute(model, tcs, torch.arange(3, 11), batch_size=7)
+    assert torch.allclose(again.adjacency, g.adjacency, atol=1e-6)
     nodes, edges, scores = g.prune(0.8, 0.98)
     assert nodes[g.token_offset :].all() and scores.max() <= 1 + 1e-6
     assert not edges[~nodes].any() and not edges[:, ~nodes].any()

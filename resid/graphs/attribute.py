@@ -100,7 +100,7 @@ def logit_targets(
     """
     probs = torch.softmax(logits.float(), -1)
     top_p, top_i = probs.topk(min(max_n_logits, probs.shape[-1]))
-    cut = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1
+    cut = int(torch.searchsorted(top_p.cumsum(0), top_p.new_tensor(desired_logit_prob))) + 1
     ids = top_i[:cut]
     W = W_U.float()
     return ids, probs[ids], (W[:, ids] - W.mean(1, keepdim=True)).T
@@ -184,7 +184,7 @@ def attribute(
                 pending = torch.arange(n_feat)
             else:
                 infl = partial_influences(
-                    rows[:st], probs.float(), row_node[:st], logit_offset + n_logits
+                    rows[:st], probs.float().cpu(), row_node[:st], logit_offset + n_logits
                 )
                 rank = infl[:n_feat].argsort(descending=True)
                 room = min(update_interval * batch_size, keep - int(visited.sum()))
@@ -296,7 +296,7 @@ class _Backward:
         if len(idx):  # each feature's write vector against the gradient at its position
             pos = self.active[idx, 1]
             per_pos = g @ self.decoders[idx].T  # [batch, pos, n]: one GEMM
-            self.buffer[:, idx] += per_pos[:, pos, torch.arange(len(idx))]
+            self.buffer[:, idx] += per_pos[:, pos, torch.arange(len(idx), device=idx.device)]
         start = self.error_offset + layer * self.n_pos
         self.buffer[:, start : start + self.n_pos] += torch.einsum(
             "bpd,pd->bp", g, self.errors[layer]
@@ -304,10 +304,12 @@ class _Backward:
 
     def rows(self, layers: Tensor, positions: Tensor, vectors: Tensor) -> Tensor:
         k = len(layers)
-        batch = self.embed.shape[0]
-        self.buffer = torch.zeros(batch, self.row_size)
+        batch, device = self.embed.shape[0], self.embed.device
+        layers, positions = layers.to(device), positions.to(device)
+        vectors = vectors.to(device)
+        self.buffer = torch.zeros(batch, self.row_size, device=device)
         handles = []
-        b = torch.arange(k)
+        b = torch.arange(k, device=device)
         for layer in layers.unique().tolist():
             m = layers == layer
             add = torch.zeros_like(self.reads[layer], dtype=torch.float32)
@@ -327,5 +329,5 @@ class _Backward:
             for h in handles:
                 h.remove()
         self.buffer[:, self.token_offset :] += (grad.float() * self.token_vecs).sum(-1)
-        out, self.buffer = self.buffer[:k], None
+        out, self.buffer = self.buffer[:k].cpu(), None
         return out
