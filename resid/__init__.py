@@ -15,6 +15,7 @@ a ``DeprecationWarning`` naming their new place. Nothing is patched at import.
 """
 
 import importlib
+import importlib.util
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -79,14 +80,14 @@ _MOVED = {"AnalysisCache": "ActivationCache", "Components": "Labelled"}  # old n
 
 
 def __getattr__(name: str) -> Any:
-    """A short name, a module of ``_MODULES`` or a moved name (with a DeprecationWarning),
-    imported when first asked for."""
+    """A short name, a module of ``_MODULES`` or any other subpackage or module of resid,
+    or a moved name (with a DeprecationWarning), imported when first asked for."""
     if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name]), name)
         globals()[name] = value  # asked for once
         return value
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name in _MODULES or (not name.startswith("_") and _is_submodule(name)):
+        return importlib.import_module(f"{__name__}.{name}")  # resid.graphs, resid.core, …
     if name in _MOVED:
         new = _MOVED[name]
         warnings.warn(
@@ -97,6 +98,10 @@ def __getattr__(name: str) -> Any:
         )
         return __getattr__(new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_submodule(name: str) -> bool:
+    return importlib.util.find_spec(f"{__name__}.{name}") is not None
 
 
 def __dir__() -> list[str]:
