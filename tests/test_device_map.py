@@ -142,6 +142,7 @@ def test_forward_cache_and_hooks_are_bit_identical(tiny, split, prompts):
         split.run_with_hooks(clean, fwd_hooks=hooks), tiny.run_with_hooks(clean, fwd_hooks=hooks)
     )
     assert torch.equal(split(clean, return_type="loss"), tiny(clean, return_type="loss"))
+    assert torch.equal(split.W_Q, tiny.W_Q) and split.W_Q.device == split.device
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "z", "mlp_out", "pattern"])
@@ -198,6 +199,9 @@ def _on_devices(tiny, plan: dict, prompts) -> None:
     for layer, device in enumerate(model.layer_devices):
         assert cache[f"blocks.{layer}.hook_resid_post"].device == device
     assert cache["hook_embed"].device == first
+    torch.testing.assert_close(model.W_O.cpu(), tiny.W_O)
+    _, cache = model.run_with_cache(clean, device="cpu")  # asked for: all on the CPU
+    assert {t.device for t in cache.values()} == {CPU}
     metric = metrics.logit_diff(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]), pos=-1)
     a = sweep(model, corrupted, clean, metric, "z", progress=False)
     b = sweep(tiny, corrupted, clean, metric, "z", progress=False)

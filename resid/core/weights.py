@@ -34,7 +34,7 @@ def _stacked(module: str, name: str, shape: str) -> property:
             t = getattr(getattr(block, module), name)
             if name in ("W_K", "W_V", "b_K", "b_V"):
                 t = t[[block.attn.kv_head(h) for h in range(self.cfg.n_heads)]]
-            parts.append(t)
+            parts.append(t.to(self.device))  # blocks on several devices: on the first
         return torch.stack(parts)
 
     return property(get, doc=f"``[{shape}]``: each block's ``{module}.{name}``, stacked (a copy).")
