@@ -31,6 +31,7 @@ from resid.core.decompose import contributions
 from resid.core.labelled import Labelled
 from resid.core.names import act_name
 from resid.core.protocols import CacheLike, ModelLike
+from resid.core.stacking import accumulated_names
 
 Target = int | str | tuple | list | Tensor
 
@@ -53,21 +54,7 @@ def accumulated_resid(
     ``None``, ``-1`` or ``n_layers``, the final stream: TransformerLens' meaning and labels
     (``"0_pre"``, ..., ``"final_post"``). ``incl_mid`` adds each earlier layer's
     ``resid_mid``; ``apply_ln`` recomputes ``ln_final`` on every entry (the logit lens)."""
-    n = cache.model.cfg.n_layers
-    layer = n if layer is None or layer == -1 else layer
-    if not 0 <= layer <= n:
-        raise ValueError(f"layer must be in [0, {n}] (or None / -1 for all), not {layer}")
-    names, labels = [], []
-    for lyr in range(layer + 1):
-        if lyr == n:
-            names.append(act_name("resid_post", n - 1))
-            labels.append("final_post")
-            continue
-        names.append(act_name("resid_pre", lyr))
-        labels.append(f"{lyr}_pre")
-        if incl_mid and lyr < layer:
-            names.append(act_name("resid_mid", lyr))
-            labels.append(f"{lyr}_mid")
+    _, names, labels = accumulated_names(cache.model, layer, incl_mid)
     cache.require(names, "accumulated_resid", f"{names!r}")
     stack = torch.stack([cache[name] for name in names])
     if apply_ln:

@@ -116,6 +116,23 @@ def stack_head_results(
         heads = apply_slice(cache.head_results(lyr), pos_slice, 1)  # [batch, pos, head, d]
         parts.append(rearrange(heads, "... head d -> head ... d"))
         labels += [f"L{lyr}H{h}" for h in range(model.cfg.n_heads)]
+    return _stacked(cache, parts, labels, layer, "head results", pos_slice, incl_remainder,
+                    apply_ln, return_labels)  # fmt: skip
+
+
+def _stacked(
+    cache: CacheLike,
+    parts: list[Tensor],
+    labels: list[str],
+    layer: int,
+    what: str,
+    pos_slice: SliceInput,
+    incl_remainder: bool,
+    apply_ln: bool,
+    return_labels: bool,
+) -> Labelled | tuple[Stack, list[str]]:
+    """``parts`` stacked on a ``component`` axis; ``incl_remainder`` adds what the stream
+    entering ``layer`` holds besides them, ``apply_ln`` scales as the norm reading it."""
     stack = torch.cat(parts) if parts else _empty(cache, pos_slice)
     if incl_remainder:
         stream = apply_slice(_stream_into(cache, layer), pos_slice, 1)
@@ -124,11 +141,7 @@ def stack_head_results(
     if apply_ln:
         stack = apply_ln_to_stack(cache, stack, layer, pos_slice=pos_slice)
     return _out(
-        stack,
-        labels,
-        f"head results into layer {layer}",
-        return_labels,
-        _rest(cache, stack, pos_slice),
+        stack, labels, f"{what} into layer {layer}", return_labels, _rest(cache, stack, pos_slice)
     )
 
 
@@ -193,20 +206,8 @@ def stack_neuron_results(
         W_out = model.blocks[lyr].mlp.W_out.detach()[index.to(model.blocks[lyr].mlp.W_out.device)]
         parts.append(rearrange(post[..., None] * W_out.to(post), "... n d -> n ... d"))
         labels += [f"L{lyr}N{i}" for i in index.tolist()]
-    stack = torch.cat(parts) if parts else _empty(cache, pos_slice)
-    if incl_remainder:
-        stream = apply_slice(_stream_into(cache, layer), pos_slice, 1)
-        stack = torch.cat([stack, (stream - stack.sum(0))[None]])
-        labels.append("remainder")
-    if apply_ln:
-        stack = apply_ln_to_stack(cache, stack, layer, pos_slice=pos_slice)
-    return _out(
-        stack,
-        labels,
-        f"neuron results into layer {layer}",
-        return_labels,
-        _rest(cache, stack, pos_slice),
-    )
+    return _stacked(cache, parts, labels, layer, "neuron results", pos_slice, incl_remainder,
+                    apply_ln, return_labels)  # fmt: skip
 
 
 def apply_ln_to_stack(
@@ -247,6 +248,32 @@ def apply_ln_to_stack(
     return residual_stack / scale.to(residual_stack)
 
 
+def accumulated_names(
+    model: ModelLike, layer: int | None = None, incl_mid: bool = False, mlp_input: bool = False
+) -> tuple[int, list[str], list[str]]:
+    """``(layer, hook names, labels)`` of the accumulated residual stream up to ``layer``
+    (``None`` / ``-1``: ``n_layers``, the final stream): each ``resid_pre`` (``"0_pre"``...),
+    with ``incl_mid`` each earlier ``resid_mid``, with ``mlp_input`` layer ``layer``'s own,
+    ending with ``"final_post"`` at ``n_layers``. TransformerLens' meaning and labels.
+
+    >>> accumulated_names(model, 1, incl_mid=True)[2]     # ['0_pre', '0_mid', '1_pre']
+    """
+    n = model.cfg.n_layers
+    layer = _layer(model, layer)
+    names, labels = [], []
+    for lyr in range(layer + 1):
+        if lyr == n:
+            names.append(act_name("resid_post", n - 1))
+            labels.append("final_post")
+            continue
+        names.append(act_name("resid_pre", lyr))
+        labels.append(f"{lyr}_pre")
+        if (incl_mid and lyr < layer) or (mlp_input and lyr == layer):
+            names.append(act_name("resid_mid", lyr))
+            labels.append(f"{lyr}_mid")
+    return layer, names, labels
+
+
 def accumulated_resid(
     cache: CacheLike,
     layer: int | None = None,
@@ -264,20 +291,8 @@ def accumulated_resid(
 
     >>> cache.accumulated_resid(apply_ln=True, incl_mid=True).labels[:3]   # ['0_pre', '0_mid', '1_pre']
     """
-    model = cache.model
-    n = model.cfg.n_layers
-    layer = _layer(model, layer)
-    names, labels = [], []
-    for lyr in range(layer + 1):
-        if lyr == n:
-            names.append(act_name("resid_post", n - 1))
-            labels.append("final_post")
-            continue
-        names.append(act_name("resid_pre", lyr))
-        labels.append(f"{lyr}_pre")
-        if (incl_mid and lyr < layer) or (mlp_input and lyr == layer):
-            names.append(act_name("resid_mid", lyr))
-            labels.append(f"{lyr}_mid")
+    n = cache.model.cfg.n_layers
+    layer, names, labels = accumulated_names(cache.model, layer, incl_mid, mlp_input)
     cache.require(names, "accumulated_resid", f"{names!r}")
     stack = torch.stack([apply_slice(cache[name], pos_slice, 1) for name in names])
     if apply_ln:
