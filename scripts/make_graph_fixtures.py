@@ -5,8 +5,9 @@ What it writes (a few hundred kB): ``model/`` (a small GPT-2-shaped model from a
 random config, saved by transformers as safetensors, with a word-level tokenizer),
 ``transcoders/`` (seeded random skip transcoders in circuit-tracer's format: config.yaml
 and layer_{i}.safetensors, reading ``ln2.hook_normalized`` and writing ``hook_mlp_out``),
-and ``reference.pt`` (the prompt's token ids and circuit-tracer's graph: active features,
-logit tokens and probabilities, and the dense adjacency matrix), made by
+``reference.pt`` (the prompt's token ids and circuit-tracer's graph: active features,
+logit tokens and probabilities, and the dense adjacency matrix) and
+``frontend/fixture.json`` (its pruned graph as its frontend reads it), made by
 ``circuit_tracer.attribute`` on the TransformerLens backend, the model built from a
 ``HookedTransformerConfig`` written here and TransformerLens' own GPT-2 weight conversion
 (no hub access).
@@ -154,6 +155,15 @@ def main(out: Path) -> None:
         "desired_logit_prob": torch.tensor(DESIRED_LOGIT_PROB),
     }
     torch.save(ref, tmp / "reference.pt")
+    # circuit-tracer's own pruned frontend JSON of the same graph
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    graph.cfg.tokenizer_name = str(tmp / "model")
+    create_graph_files(graph, slug="fixture", output_path=str(tmp / "frontend"),
+                       scan="resid-fixture", node_threshold=0.8, edge_threshold=0.98)  # fmt: skip
+    for extra in (tmp / "frontend").iterdir():  # keep the graph, not the index it adds
+        if extra.name != "fixture.json":
+            extra.unlink()
     (tmp / "README.md").write_text(
         "Made by scripts/make_graph_fixtures.py (circuit-tracer 0.5.0, TransformerLens backend); "
         "see its docstring to regenerate.\n"

@@ -331,3 +331,27 @@ def test_interventions_in_the_replacement_model_are_what_the_graph_predicts():
     assert (real - model(tokens[None])[0]).abs().max() > 1e-4 and not model.has_hooks()
     with pytest.raises(ValueError, match="no feature"):
         intervene(model, tcs, tokens, [(0, 99, 0)])
+
+
+@pytest.mark.skipif(not (DATA / "frontend").exists(), reason="no circuit-tracer fixture")
+def test_pruned_json_equals_circuit_tracers_frontend_file():
+    ref = torch.load(DATA / "reference.pt", weights_only=True)
+    theirs = json.loads((DATA / "frontend" / "fixture.json").read_text())
+    model = resid.load(DATA / "model", device="cpu")
+    g = attribute(model, load_transcoders(DATA / "transcoders"), ref["tokens"],
+                  max_n_logits=int(ref["max_n_logits"]),
+                  desired_logit_prob=float(ref["desired_logit_prob"]))  # fmt: skip
+    ours = g.to_json("fixture", node_threshold=0.8, edge_threshold=0.98)
+    nodes = {n["node_id"]: n for n in ours["nodes"]}
+    want = {n["node_id"]: n for n in theirs["nodes"]}
+    assert set(nodes) == set(want)  # the same nodes survive pruning
+    for nid, n in want.items():
+        assert set(nodes[nid]) == set(n), nid  # the same fields, as its frontend reads them
+        for key in ("feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "is_target_logit"):
+            assert nodes[nid][key] == n[key], (nid, key)
+        if n["influence"] is not None:
+            assert abs(nodes[nid]["influence"] - n["influence"]) < 1e-5
+    links = {(x["source"], x["target"]): x["weight"] for x in ours["links"]}
+    theirs_links = {(x["source"], x["target"]): x["weight"] for x in theirs["links"]}
+    assert set(links) == set(theirs_links)
+    assert max(abs(links[k] - w) for k, w in theirs_links.items()) < 1e-4

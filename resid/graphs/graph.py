@@ -158,7 +158,7 @@ class Graph:
             entry = {"node_id": nid, "layer": str(n["layer"]), "ctx_idx": n["pos"],
                      "feature_type": kinds[n["kind"]], "influence": float(cumulative[i]),
                      "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-                     "reverse_ctx_idx": 0, "clerp": ""}  # fmt: skip
+                     "reverse_ctx_idx": 0, "clerp": "", "activation": None}  # fmt: skip
             if n["kind"] == "feature":
                 entry |= {"feature": _cantor(n["layer"], n["feature"]),
                           "jsNodeId": f"{n['layer']}_{n['feature']}-0",
@@ -172,7 +172,7 @@ class Graph:
                 p = n["probability"]
                 entry |= {"layer": str(self.n_layers + 1), "feature": n["token"],
                           "jsNodeId": f"L_{n['token']}-{n['pos']}", "token_prob": p,
-                          "is_target_logit": i == self.logit_offset,
+                          "is_target_logit": i == self.logit_offset, "influence": None,
                           "clerp": f'Output "{n["text"]}" (p={p:.3f})'}  # fmt: skip
             nodes[i] = entry
         dst, src = edge_mask.nonzero(as_tuple=True)
