@@ -310,3 +310,31 @@ def test_objective_loss_is_the_global_mean(tmp_path):
     mse = (acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
     by_hand = mse + 0.1 * (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
     torch.testing.assert_close(obj(x, x, 1 / 8, 0.1)[0], by_hand)
+
+
+@pytest.mark.slow
+def test_a_silent_rank_fails_the_other_within_the_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP) fails the other after --dist-timeout seconds,
+    not never: gloo's timeout on DDP's all-reduce."""
+    timeout = 8  # also the rendezvous's: long enough for a loaded machine's start-up skew
+    argv = [sys.executable, str(SCRIPT), "--synthetic", "2048,8", "--d-sae", "16", "--k", "2",
+            "--steps", "100000", "--batch-size", "16", "--streams", "2", "--checkpoint-every",
+            "20", "--quiet", "--log", "--dist-timeout", str(timeout), "--out", str(tmp_path / "o")]  # fmt: skip
+    procs = _launch(argv)
+    try:
+        for line in procs[0].stderr:
+            if "checkpoint step 20 " in line:
+                break
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.perf_counter()
+        _, err = procs[0].communicate(timeout=timeout + 30)
+        waited = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+    print(f"rank 0 failed {waited:.2f} s after rank 1 stopped (timeout {timeout} s)")
+    assert procs[0].returncode == 1, err[-2000:]
+    assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
+    assert timeout - 0.5 < waited < timeout + 10

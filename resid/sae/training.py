@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from resid.core.distributed import broadcast, collective_failure
+from resid.core.distributed import broadcast, collective_failure, gather
 from resid.sae import training_files as checkpoint
 from resid.sae.config import SAEConfig
 from resid.sae.module import SAE
@@ -399,15 +399,10 @@ def train(
     opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=cfg.lr)
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.int64)
     start, elapsed = 0, 0.0
-    if resume:
-        state = None
-        if rank == 0:
-            state = checkpoint.read(out, objective, meta, TrainingError)
-        state = broadcast(state, rank, world)
+    state = _start(out, objective, meta, resume, rank, world)
+    if state is not None:
         start, elapsed = state["step"], state["elapsed"]
         checkpoint.restore(objective, opt, last_fired, state, device)
-    elif rank == 0:
-        checkpoint.check_new(out, TrainingError)
     model: nn.Module = objective
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -422,12 +417,15 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
     sums = torch.zeros(3, dtype=torch.float64)
     fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
-    t0, step, saved = time.perf_counter(), start, start
+    t0, c0, step, saved = time.perf_counter(), time.process_time(), start, start
 
     def save(at: int) -> None:
         objective.sync()
         if rank == 0:
-            record = dict(meta, step=at, elapsed=elapsed + time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            # this process's own run: steps, wall and CPU seconds (rank 0's), for benchmarks
+            run = {"steps": at - start, "seconds": wall, "cpu_seconds": time.process_time() - c0}
+            record = dict(meta, step=at, elapsed=elapsed + wall, run=run, world_size=world)
             checkpoint.write(out, objective, opt, last_fired, record)
             if log:
                 log(f"checkpoint step {at} -> {out}")
@@ -465,6 +463,32 @@ def train(
             bar.close()
     objective.sync()
     return dictionary.requires_grad_(False)
+
+
+def _start(out: Path, objective: Objective, meta: dict, resume: bool, rank: int, world: int):
+    """Rank 0 checks that every rank was started alike and reads the checkpoint (or checks
+    that ``out`` is free); its verdict reaches every rank, so a refusal stops them all
+    at once rather than leaving the others waiting out the timeout."""
+    metas = gather(meta, rank, world)
+    verdict: str | None = None
+    state = None
+    if rank == 0:
+        for r, theirs in enumerate(metas):
+            if theirs != meta:
+                diff = [k for k in meta if theirs.get(k) != meta[k]]
+                verdict = f"rank {r} was started with other settings or data than rank 0 ({diff})"
+                break
+        try:
+            if verdict is None and resume:
+                state = checkpoint.read(out, objective, meta, TrainingError)
+            elif verdict is None:
+                checkpoint.check_new(out, TrainingError)
+        except (TrainingError, OSError, ValueError) as e:
+            verdict = str(e)
+    verdict, state = broadcast((verdict, state), rank, world)
+    if verdict is not None:
+        raise TrainingError(verdict if rank == 0 else f"rank 0 refused to start: {verdict}")
+    return state
 
 
 def _report(sums, fired, last_fired, done, world, device, bar, t0, tokens, cfg):

@@ -118,7 +118,7 @@ def read(out: Path, objective: nn.Module, meta: dict, error: type[Exception]) ->
     if not isinstance(record, dict):
         raise error(f"{out / RECORD} is not a JSON object: start again without --resume")
     changed = []
-    for key, value in meta.items():
+    for key, value in meta.items():  # what this run is (not how it ran: run, world_size)
         if key == "config":
             old = record.get("config") if isinstance(record.get("config"), dict) else {}
             changed += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in value.items()
