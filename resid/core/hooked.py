@@ -120,6 +120,10 @@ class Hooked:
         Hooks attached to the SAE's site *outside* this block run before the SAE (they see
         and may edit what it encodes); hooks attached inside run after it.
 
+        A transcoder (``resid.sae.Transcoder``) is spliced at two sites: it encodes at its
+        read site (``blocks.L.ln2.hook_normalized``, ...) and replaces the MLP's output at
+        ``blocks.L.hook_mlp_out`` with its reconstruction plus the error term.
+
         >>> with model.saes([sae]):
         ...     logits, cache = model.run_with_cache(tokens)
         >>> cache["blocks.6.hook_resid_pre.sae.hook_acts"].shape   # [batch, pos, d_sae]
