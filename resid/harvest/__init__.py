@@ -8,6 +8,8 @@ on one process or many (``torchrun``), killable and resumable.
 - :mod:`~resid.harvest.distributed`: the torch.distributed plumbing;
 - :mod:`~resid.harvest.corpus`: reading a corpus into contexts;
 - :mod:`~resid.harvest.activation_store`: a harvest streamed shuffled, for SAE training.
+- :mod:`~resid.harvest.streams`: a harvest as seeded streams whose global batches do not
+  depend on the number of ranks (distributed SAE training, ``resid.sae.training``).
 
 >>> from resid.harvest import harvest, load_stats, ActivationStore
 >>> harvest(model, "corpus.txt", "h", ["blocks.5.mlp.hook_post"], activations=True)

@@ -17,6 +17,8 @@ The package, one idea per module:
   and SAELens' formats);
 - ``circuits``: direct feature attribution, :func:`attribute_features`,
   :func:`patch_features` and :func:`feature_circuit`.
+- ``training``: training SAEs and transcoders on one process or many (torchrun,
+  DistributedDataParallel), with ``training_files``, its checkpoints (``--resume``).
 
 >>> sae = resid.sae.load("path/to/sae")          # cfg.json + sae_weights.safetensors
 >>> with model.saes([sae]):
