@@ -146,6 +146,17 @@ def test_saelens_transcoder_folder(tmp_path):
     # SAELens' SkipTranscoder: relu(x W_enc + b_enc) W_dec + b_dec + x W_skip^T
     want = torch.relu(x @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T
     assert torch.allclose(tc(x), want, atol=1e-4)
+    # a JumpReLU transcoder: the threshold gates each feature
+    jump = tmp_path / "jump"
+    jump.mkdir()
+    thr = torch.rand(40)
+    save_file({k: v for k, v in w.items() if k != "W_skip"} | {"threshold": thr},
+              str(jump / "sae_weights.safetensors"))  # fmt: skip
+    (jump / "cfg.json").write_text(json.dumps(cfg | {"architecture": "jumprelu_transcoder"}))
+    (tj,) = load_transcoders(jump)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    want = (pre * (pre > thr)) @ w["W_dec"] + w["b_dec"]
+    assert torch.allclose(tj(x), want, atol=1e-4) and not tj.cfg.skip
     cfg["architecture"] = "standard"
     (folder / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(SAEError, match="not a SAELens transcoder"):
