@@ -230,24 +230,36 @@ def _tensors(path: Path, want: dict[str, tuple[int, ...] | None], shown: str) ->
     return out
 
 
+def _header(path: Path, shown: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors header alone (nothing is read)."""
+    if not path.is_file() or path.is_symlink():
+        raise SAEError(f"{shown} is not a regular file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+        raise SAEError(f"{shown} is not a safetensors file: {e}") from None
+
+
 def _load_ct_layer(path: Path, layer: int, read: str, write: str, dtype) -> Transcoder:
     shown = str(path)
-    # the header first: b_enc and b_dec give the widths every other tensor is checked against
-    t = _tensors(path, {"b_enc": None, "b_dec": None}, shown)
-    if t["b_enc"].dim() != 1 or t["b_dec"].dim() != 1:
-        raise SAEError(f"{shown}: b_enc and b_dec must be vectors")
-    n, d = t["b_enc"].shape[0], t["b_dec"].shape[0]
+    # the header first: b_enc and b_dec give the widths, checked (and bounded) by the config
+    # before any tensor is read
+    shapes = _header(path, shown)
+    if len(shapes.get("b_enc", ())) != 1 or len(shapes.get("b_dec", ())) != 1:
+        raise SAEError(f"{shown}: b_enc and b_dec must be vectors (circuit-tracer's format)")
+    (n,), (d,) = shapes["b_enc"], shapes["b_dec"]
+    jump = "activation_function.threshold" in shapes
+    cfg = TranscoderConfig(
+        d_in=d, d_sae=n, d_out=d, hook_name=read, hook_name_out=write,
+        architecture="jumprelu" if jump else "relu", skip="W_skip" in shapes,
+        dtype=str(dtype).removeprefix("torch."),
+    )  # fmt: skip
     t = _tensors(
         path,
         {"W_enc": (n, d), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,),
          "W_skip?": (d, d), "activation_function.threshold?": (n,)},
         shown,
-    )  # fmt: skip
-    jump = "activation_function.threshold" in t
-    cfg = TranscoderConfig(
-        d_in=d, d_sae=n, d_out=d, hook_name=read, hook_name_out=write,
-        architecture="jumprelu" if jump else "relu", skip="W_skip" in t,
-        dtype=str(dtype).removeprefix("torch."),
     )  # fmt: skip
     state = {"W_enc": t["W_enc"].T, "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"]}
     if jump:
