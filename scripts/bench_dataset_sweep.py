@@ -6,7 +6,10 @@ of each, the speed-up and the largest difference between the two results.
     python scripts/bench_dataset_sweep.py --items 64 --layers 6
 
 The sweep is timed inside the ranks, from a barrier after the model is built to the
-gathered result, so torchrun's start-up and the imports are not counted.
+gathered result, so torchrun's start-up and the imports are not counted. Each rank's CPU
+time is measured too: on a machine shared with other jobs the wall-clock speed-up says how
+many cores were free, while 1 rank's CPU time over the busier rank's is the speed-up two
+free cores would give (it counts the gather's cost, not the other jobs').
 """
 
 from __future__ import annotations
@@ -43,20 +46,21 @@ def build(args):
 
 
 def worker(args) -> None:
-    from resid.core.distributed import barrier, init_distributed
+    from resid.core.distributed import barrier, gather, init_distributed
     from resid.interventions.dataset import sweep_dataset
 
     torch.set_num_threads(1)
     rank, world, _ = init_distributed("cpu", timeout_s=300)
     model, items = build(args)
     barrier(world)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = sweep_dataset(model, items, site=args.site, chunk_items=args.chunk, progress=False)
+    cpu = gather(time.process_time() - c0, rank, world)  # each rank's CPU seconds
     barrier(world)
     seconds = time.perf_counter() - t0
     if rank == 0:
         torch.save({"values": result.per_item.values, "mean": result.mean.values,
-                    "seconds": seconds}, args.out)  # fmt: skip
+                    "seconds": seconds, "cpu": cpu}, args.out)  # fmt: skip
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -96,8 +100,13 @@ def main() -> None:
     rel = ((one["values"] - two["values"]).abs() / one["values"].abs().clamp(min=1e-30)).max()
     print(f"dataset sweep: {args.items} items of [{args.batch}, {args.pos}], {args.layers} layers, "
           f"site {args.site}, {torch.__version__}, CPU, 1 thread per rank")  # fmt: skip
-    print(f"  1 rank : {one['seconds']:.2f} s")
-    print(f"  2 ranks: {two['seconds']:.2f} s   speed-up {one['seconds'] / two['seconds']:.2f}x")
+    print(f"  1 rank : {one['seconds']:.2f} s wall, {one['cpu'][0]:.2f} CPU s")
+    print(f"  2 ranks: {two['seconds']:.2f} s wall, {' + '.join(f'{c:.2f}' for c in two['cpu'])} "
+          f"CPU s; wall speed-up {one['seconds'] / two['seconds']:.2f}x")  # fmt: skip
+    print(
+        f"  speed-up with a free core per rank (1 rank's CPU s over the busier rank's): "
+        f"{one['cpu'][0] / max(two['cpu']):.2f}x; load average now {os.getloadavg()[0]:.1f}"
+    )
     print(f"  max relative |Δ| per item, 2 ranks vs 1: {float(rel):.1e}")
 
 

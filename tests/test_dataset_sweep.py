@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from resid.interventions import dataset as D
+from resid.interventions import metrics
 from resid.interventions.dataset_store import DatasetError
 from resid.interventions.patching import attribution_patch, sweep
 from resid.sae.circuits import attribute_features
@@ -233,6 +234,17 @@ def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(setup, tmp
     print(
         f"resumed vs uninterrupted: max |Δ| {(resumed.mean.values - clean.mean.values).abs().max():.1e}"
     )
+
+
+def test_texts_are_tokenized_as_to_tokens_does(tiny):
+    clean = ["When Mary and John went out, John gave it to", "Then Bob and Al met; Al saw"]
+    corrupted = ["When Mary and John went out, Mary gave it to", "Then Bob and Al met; Bob saw"]
+    metric = metrics.logit_diff(torch.tensor([5, 6]), torch.tensor([7, 8]), pos=-1)
+    got = D.attribution_dataset(tiny, [(clean, corrupted, metric)], progress=False)
+    cor, mask = tiny.to_tokens(corrupted, return_attention_mask=True)
+    assert not mask.all()  # padded: the mask is passed on
+    ref = attribution_patch(tiny, cor, tiny.to_tokens(clean), metric, attention_mask=mask)
+    assert torch.equal(got.per_item.values[0], ref.values)
 
 
 def test_bad_items_and_folders_are_named(setup, tmp_path):

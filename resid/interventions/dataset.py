@@ -3,7 +3,8 @@ process or split across the ranks of a torchrun job.
 
 A dataset is any iterable of *items*; an item is one batch of prompt pairs,
 ``(clean, corrupted)`` or ``(clean, corrupted, metric)`` token ids (``[pos]`` for one
-prompt, ``[batch, pos]`` for several), or a dict with keys ``clean``, ``corrupted`` and
+prompt, ``[batch, pos]`` for several) or texts (a string, or a list of strings padded
+with ``model.to_tokens``' mask), or a dict with keys ``clean``, ``corrupted`` and
 optionally ``metric`` and ``attention_mask``. An item's own metric (its answer tokens,
 say) overrides the ``metric`` given for all. Each item is swept as ``sweep(model,
 corrupted, clean, metric)`` would sweep it, so the result holds one value per item
@@ -78,8 +79,9 @@ class DatasetResult:
         return len(self.rows)
 
 
-def _item(item, metric: Metric | MetricFn | None, index: int):
-    """``(clean, corrupted, metric, mask)`` of one item, token ids as ``[batch, pos]``."""
+def _item(model: Model, item, metric: Metric | MetricFn | None, index: int):
+    """``(clean, corrupted, metric, mask)`` of one item, token ids as ``[batch, pos]``
+    (text tokenized here, a list of texts padded and masked by the corrupted side's mask)."""
     if isinstance(item, dict):
         unknown = set(item) - {"clean", "corrupted", "metric", "attention_mask"}
         if unknown or not {"clean", "corrupted"} <= set(item):
@@ -96,8 +98,13 @@ def _item(item, metric: Metric | MetricFn | None, index: int):
             "corrupted, metric) or a dict of token ids"
         )
     clean, corrupted, own, mask = parts
+    if _is_text(clean) and _is_text(corrupted):
+        clean = model.to_tokens(clean)
+        corrupted, padded = model.to_tokens(corrupted, return_attention_mask=True)
+        if mask is None and not bool(padded.all()):
+            mask = padded
     if not isinstance(clean, Tensor) or not isinstance(corrupted, Tensor):
-        raise DatasetError(f"item {index}: clean and corrupted must be token-id tensors")
+        raise DatasetError(f"item {index}: clean and corrupted must be texts or token-id tensors")
     clean, corrupted = (t[None] if t.dim() == 1 else t for t in (clean, corrupted))
     if mask is not None and mask.dim() == 1:
         mask = mask[None]
@@ -154,7 +161,7 @@ def run_dataset(
     try:
         while batch := list(itertools.islice(items, chunk_items)):
             start = chunk * chunk_items
-            parsed = [_item(x, metric, start + i) for i, x in enumerate(batch)]
+            parsed = [_item(model, x, metric, start + i) for i, x in enumerate(batch)]
             if chunk < done:  # written before the kill: check it is the same data
                 if rank == 0:
                     saved = store.read(chunk)
@@ -215,6 +222,12 @@ def run_dataset(
         ) from e
     finally:
         bar.close()
+
+
+def _is_text(x) -> bool:
+    return isinstance(x, str) or (
+        isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x)
+    )
 
 
 def _digest(parsed: list) -> Tensor:
