@@ -269,8 +269,20 @@ def write_manifest(folder: Path, writer: str) -> None:
             rel = path.relative_to(folder).as_posix()
             if rel != MANIFEST and stat.S_ISREG(os.lstat(path).st_mode):
                 files[rel] = sha256(path)
-    body = json.dumps({"writer": writer, "files": dict(sorted(files.items()))}, indent=1)
-    (folder / MANIFEST).write_text(body + "\n", encoding="utf-8")
+    put_manifest(folder, writer, files, durable=False)  # a staging folder: swapped in later
+
+
+def put_manifest(
+    folder: Path, writer: str, listed: dict[str, str], durable: bool = True, **fields: object
+) -> None:
+    """Write ``folder``'s manifest whole (:func:`atomic_write`): ``writer``, the files it
+    lists (relative path -> SHA-256, sorted) and the writer's own ``fields``; the one
+    format :func:`read_manifest` reads.
+
+    >>> put_manifest(out, "resid harvest", {"stats/x.safetensors": digest}, harvest=record)
+    """
+    body = {"writer": writer, "files": dict(sorted(listed.items())), **fields}
+    atomic_write(folder / MANIFEST, (json.dumps(body, indent=1) + "\n").encode(), durable)
 
 
 def entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:

@@ -96,8 +96,7 @@ def save_tensors(
 
 def write_manifest(folder: Path, record: dict, listed: dict[str, str]) -> None:
     """Write the manifest: ``record`` under ``harvest``, ``listed`` (path -> SHA-256)."""
-    body = {"writer": WRITER, "files": dict(sorted(listed.items())), "harvest": record}
-    files.atomic_write(folder / files.MANIFEST, (json.dumps(body, indent=1) + "\n").encode())
+    files.put_manifest(folder, WRITER, listed, harvest=record)
 
 
 # ---- reading what a run left -------------------------------------------------------------

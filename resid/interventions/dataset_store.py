@@ -136,10 +136,8 @@ class Store:
         self._manifest("complete")
 
     def _manifest(self, status: str) -> None:
-        body = {"writer": WRITER, "files": dict(sorted(self.files.items())),
-                "job": self.identity, "chunks": self.done, "status": status,
-                "result": self.result}  # fmt: skip
-        files.atomic_write(self.out / files.MANIFEST, (json.dumps(body, indent=1) + "\n").encode())
+        files.put_manifest(self.out, WRITER, self.files, job=self.identity, chunks=self.done,
+                           status=status, result=self.result)  # fmt: skip
 
     def _check_ours(self, path: Path) -> None:
         """Refuse to replace a file this writer did not write (one written just before a
