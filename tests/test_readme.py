@@ -36,11 +36,11 @@ for line, code in blocks:
         exec(compile("\\n" * line + code, "README.md", "exec"), namespace)
     except BaseException:
         failed += 1
-        print(f"README.md:{line}: FAILED", flush=True)
+        print(f"\\nREADME.md:{line}: FAILED", flush=True)  # a block may end mid-line
         traceback.print_exc()
         print(f"README.md:{line}: FAILED", file=sys.stderr, flush=True)
         continue  # later blocks still run: every broken one is named
-    print(f"README.md:{line}: ok in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"\\nREADME.md:{line}: ok in {time.perf_counter() - start:.1f} s", flush=True)
 sys.exit(1 if failed else 0)
 """
 
