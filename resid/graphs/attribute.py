@@ -152,10 +152,12 @@ def attribute(
         errors[:, 0] = 0
     active = acts.nonzero()  # [n_active, 3]: layer, pos, feature (sorted)
     values = acts[active[:, 0], active[:, 1], active[:, 2]]
-    encoders = torch.stack([tcs[int(layer)].W_enc[:, int(f)] for layer, _, f in active]).float() \
-        if len(active) else acts.new_zeros(0, tcs[0].cfg.d_in)  # fmt: skip
-    decoders = torch.stack([tcs[int(layer)].W_dec[int(f)] for layer, _, f in active]).float() \
-        if len(active) else acts.new_zeros(0, tcs[0].cfg.d_out)  # fmt: skip
+    # each active feature's read and write vectors, layer by layer (``active`` is sorted)
+    per_layer = [active[active[:, 0] == t.layer, 2] for t in tcs]
+    encoders = torch.cat(
+        [t.W_enc.detach()[:, f].T.float() for t, f in zip(tcs, per_layer, strict=True)]
+    )
+    decoders = torch.cat([t.W_dec.detach()[f].float() for t, f in zip(tcs, per_layer, strict=True)])
     decoders = decoders * values[:, None]
     token_vecs = model.W_E[tokens].detach().float()
     ids, probs, logit_vecs = logit_targets(
