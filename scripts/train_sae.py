@@ -251,7 +251,8 @@ def add_distributed(p: argparse.ArgumentParser) -> None:
                    help="seconds before a missing rank fails the run (rendezvous, collectives)")  # fmt: skip
     d.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.add_argument("--log", action="store_true", help="a line on stderr per checkpoint (rank 0)")
+    d.add_argument("--log-checkpoints", action="store_true",
+                   help="a line on stderr per checkpoint (rank 0)")  # fmt: skip
 
 
 def distributed(args: argparse.Namespace) -> int:
@@ -286,7 +287,7 @@ def distributed(args: argparse.Namespace) -> int:
         dictionary = train_distributed(
             data, cfg, args.out, args.site, args.site_out, args.skip, resume=args.resume,
             rank=rank, world=world, device=device, progress=not args.quiet,
-            log=log if args.log else None,
+            log=log if args.log_checkpoints else None,
         )  # fmt: skip
         if rank == 0:
             print(f"trained {dictionary!r} for {cfg.steps} steps on {world} rank(s) -> {args.out}")

@@ -158,7 +158,7 @@ def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(
     harvested, two_ranks, tmp_path
 ):
     out = tmp_path / "killed"
-    procs = _launch(_argv(harvested, out, "--log"))
+    procs = _launch(_argv(harvested, out, "--log-checkpoints"))
     try:
         for line in procs[0].stderr:  # rank 0 logs its checkpoints
             if "checkpoint step 30 " in line:
@@ -319,7 +319,7 @@ def test_a_silent_rank_fails_the_other_within_the_timeout(tmp_path):
     timeout = 8  # also the rendezvous's: long enough for a loaded machine's start-up skew
     argv = [sys.executable, str(SCRIPT), "--synthetic", "2048,8", "--d-sae", "16", "--k", "2",
             "--steps", "100000", "--batch-size", "16", "--streams", "2", "--checkpoint-every",
-            "20", "--quiet", "--log", "--dist-timeout", str(timeout), "--out", str(tmp_path / "o")]  # fmt: skip
+            "20", "--quiet", "--log-checkpoints", "--dist-timeout", str(timeout), "--out", str(tmp_path / "o")]  # fmt: skip
     procs = _launch(argv)
     try:
         for line in procs[0].stderr:

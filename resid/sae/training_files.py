@@ -37,7 +37,8 @@ from resid.sae.transcoder_files import saelens_cfg
 
 WRITER = "resid.sae.training"
 STATE, RECORD, PRODUCT = "state.safetensors", "training.json", "sae"
-# settings a resumed run may change: how long, how often it saves and reports
+# settings a resumed run may change: how long (the learning rate's decay then follows the
+# new --steps from the resumed step on), how often it saves and reports
 MAY_CHANGE = ("steps", "checkpoint_every", "log_every")
 
 
