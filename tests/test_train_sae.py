@@ -338,3 +338,25 @@ def test_a_silent_rank_fails_the_other_within_the_timeout(tmp_path):
     assert procs[0].returncode == 1, err[-2000:]
     assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
     assert timeout - 0.5 < waited < timeout + 10
+
+
+def test_torchrun_passes_every_option_to_the_script():
+    """torchrun parses the whole command line with argparse, which takes an abbreviation of
+    its own options (``--log`` for ``--log-dir``) even after the script: none of
+    train_sae.py's options may be one."""
+    from torch.distributed.run import parse_args
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_sae
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    p = train_sae.argparse.ArgumentParser()
+    train_sae.add_distributed(p)
+    script_options = [o for a in p._actions for o in a.option_strings if o.startswith("--")]
+    script_options += ["--model", "--site", "--arch", "--d-sae", "--k", "--l1", "--steps",
+                       "--out", "--seed", "--transcoders", "--skip"]  # fmt: skip
+    assert len(script_options) > 25
+    for option in script_options:
+        argv = ["--nproc-per-node", "2", str(SCRIPT), option, "1"]
+        assert parse_args(argv).training_script_args == [option, "1"], option
