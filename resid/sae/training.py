@@ -475,8 +475,13 @@ def _start(out: Path, objective: Objective, meta: dict, resume: bool, rank: int,
     if rank == 0:
         for r, theirs in enumerate(metas):
             if theirs != meta:
-                diff = [k for k in meta if theirs.get(k) != meta[k]]
-                verdict = f"rank {r} was started with other settings or data than rank 0 ({diff})"
+                diff = [k for k in meta if k != "config" and theirs.get(k) != meta[k]]
+                diff += [f"{k}: {v!r} on rank 0, {theirs['config'].get(k)!r} on rank {r}"
+                         for k, v in meta["config"].items() if theirs["config"].get(k) != v]  # fmt: skip
+                verdict = (
+                    f"rank {r} was started with other settings or data than rank 0 "
+                    f"({'; '.join(diff)}): start every rank with the same command"
+                )
                 break
         try:
             if verdict is None and resume:
