@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 CFG = dict(architecture="topk", d_sae=48, k=6, steps=240, batch_size=64, streams=2, seed=3,
            warmup=20, checkpoint_every=30, lr=3e-3)  # fmt: skip
 TIMEOUT_S = 20  # the process group's timeout in these runs
+SILENT_TIMEOUT_S = 8  # also the rendezvous's: long enough for a loaded machine's start skew
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +109,47 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(harvested, tmp_path_factory) -> Path:
-    """The uninterrupted run on two gloo ranks."""
-    out = tmp_path_factory.mktemp("two") / "run"
-    _finish(_launch(_argv(harvested, out)))
+def runs(harvested, tmp_path_factory) -> dict:
+    """Three runs of two gloo ranks, started together (start-up is most of their time):
+    ``clean``, uninterrupted; ``killed``, rank 1 SIGKILLed after rank 0's checkpoint at
+    step 30; ``silent``, rank 1 SIGSTOPped after step 20 with an 8 s timeout. For the
+    last two: (rank 0's return code, its stderr, seconds from the signal to its exit)."""
+    root = tmp_path_factory.mktemp("runs")
+    silent_argv = [sys.executable, str(SCRIPT), "--synthetic", "2048,8", "--d-sae", "16", "--k",
+                   "2", "--steps", "100000", "--batch-size", "16", "--streams", "2",
+                   "--checkpoint-every", "20", "--quiet", "--log-checkpoints", "--dist-timeout",
+                   str(SILENT_TIMEOUT_S), "--out", str(root / "silent")]  # fmt: skip
+    launched = {
+        "clean": _launch(_argv(harvested, root / "clean")),
+        "killed": _launch(_argv(harvested, root / "killed", "--log-checkpoints")),
+        "silent": _launch(silent_argv),
+    }
+    out: dict = {"root": root}
+
+    def watch(name: str, step: int, sig: int) -> None:
+        procs = launched[name]
+        for line in procs[0].stderr:  # rank 0 logs its checkpoints
+            if f"checkpoint step {step} " in line:
+                break
+        procs[1].send_signal(sig)
+        t0 = time.perf_counter()
+        _, err = procs[0].communicate(timeout=TIMEOUT_S + 60)
+        out[name] = (procs[0].returncode, err, time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=watch, args=("killed", 30, signal.SIGKILL)),
+               threading.Thread(target=watch, args=("silent", 20, signal.SIGSTOP))]  # fmt: skip
+    try:
+        for t in threads:
+            t.start()
+        _finish(launched["clean"])
+        for t in threads:
+            t.join(timeout=TIMEOUT_S + 120)
+    finally:
+        for procs in launched.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
     return out
 
 
@@ -137,7 +176,8 @@ def _reference(data: HarvestStreams, cfg: TrainConfig) -> dict[str, torch.Tensor
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_and_a_plain_loop(harvested, two_ranks, tmp_path):
+def test_two_ranks_equal_one_and_a_plain_loop(harvested, runs, tmp_path):
+    two_ranks = runs["root"] / "clean"
     cfg = TrainConfig(**CFG)
     data = HarvestStreams(harvested, [SITE], cfg.streams, seed=cfg.seed)
     one = train(data, cfg, tmp_path / "one", SITE, progress=False)
@@ -154,35 +194,31 @@ def test_two_ranks_equal_one_and_a_plain_loop(harvested, two_ranks, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(
-    harvested, two_ranks, tmp_path
-):
-    out = tmp_path / "killed"
-    procs = _launch(_argv(harvested, out, "--log-checkpoints"))
-    try:
-        for line in procs[0].stderr:  # rank 0 logs its checkpoints
-            if "checkpoint step 30 " in line:
-                break
-        procs[1].send_signal(signal.SIGKILL)
-        t0 = time.perf_counter()
-        _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
-        detected = time.perf_counter() - t0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=10)
+def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(harvested, runs):
+    code, err, detected = runs["killed"]
     print(f"rank 0 failed {detected:.2f} s after rank 1 was killed")
-    assert procs[0].returncode == 1, err[-2000:]
+    assert code == 1, err[-2000:]
     assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
     assert detected < TIMEOUT_S + 5
+    out, clean = runs["root"] / "killed", runs["root"] / "clean"
     step = json.loads((out / "training.json").read_text())["step"]
     assert 30 <= step < CFG["steps"]
     _finish(_launch(_argv(harvested, out, "--resume")))
-    resumed, clean = _weights(out), _weights(two_ranks)
-    assert all(torch.equal(resumed[k], clean[k]) for k in clean)  # bit for bit
-    a, b = (files.read_regular(f / "state.safetensors", 1 << 24) for f in (out, two_ranks))
+    resumed, uninterrupted = _weights(out), _weights(clean)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # bit for bit
+    a, b = (files.read_regular(f / "state.safetensors", 1 << 24) for f in (out, clean))
     assert a == b  # Adam's moments and the dead-feature counters too
+
+
+@pytest.mark.slow
+def test_a_silent_rank_fails_the_other_within_the_timeout(runs):
+    """A rank that stops answering (SIGSTOP) fails the other after --dist-timeout seconds,
+    not never: gloo's timeout on DDP's all-reduce."""
+    code, err, waited = runs["silent"]
+    print(f"rank 0 failed {waited:.2f} s after rank 1 stopped (timeout {SILENT_TIMEOUT_S} s)")
+    assert code == 1, err[-2000:]
+    assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
+    assert SILENT_TIMEOUT_S - 0.5 < waited < SILENT_TIMEOUT_S + 10
 
 
 class Interrupted(Exception):
@@ -310,34 +346,6 @@ def test_objective_loss_is_the_global_mean(tmp_path):
     mse = (acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
     by_hand = mse + 0.1 * (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
     torch.testing.assert_close(obj(x, x, 1 / 8, 0.1)[0], by_hand)
-
-
-@pytest.mark.slow
-def test_a_silent_rank_fails_the_other_within_the_timeout(tmp_path):
-    """A rank that stops answering (SIGSTOP) fails the other after --dist-timeout seconds,
-    not never: gloo's timeout on DDP's all-reduce."""
-    timeout = 8  # also the rendezvous's: long enough for a loaded machine's start-up skew
-    argv = [sys.executable, str(SCRIPT), "--synthetic", "2048,8", "--d-sae", "16", "--k", "2",
-            "--steps", "100000", "--batch-size", "16", "--streams", "2", "--checkpoint-every",
-            "20", "--quiet", "--log-checkpoints", "--dist-timeout", str(timeout), "--out", str(tmp_path / "o")]  # fmt: skip
-    procs = _launch(argv)
-    try:
-        for line in procs[0].stderr:
-            if "checkpoint step 20 " in line:
-                break
-        procs[1].send_signal(signal.SIGSTOP)
-        t0 = time.perf_counter()
-        _, err = procs[0].communicate(timeout=timeout + 30)
-        waited = time.perf_counter() - t0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=10)
-    print(f"rank 0 failed {waited:.2f} s after rank 1 stopped (timeout {timeout} s)")
-    assert procs[0].returncode == 1, err[-2000:]
-    assert "rank 0 of 2: a collective failed" in err and "--resume" in err, err[-2000:]
-    assert timeout - 0.5 < waited < timeout + 10
 
 
 def test_torchrun_passes_every_option_to_the_script():

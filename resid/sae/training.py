@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from resid.core.distributed import broadcast, collective_failure, gather
+from resid.core.distributed import barrier, broadcast, collective_failure, gather
 from resid.sae import training_files as checkpoint
 from resid.sae.config import SAEConfig
 from resid.sae.module import SAE
@@ -461,6 +461,11 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+    del model  # DDP's reducer, before the group may be destroyed
+    try:
+        barrier(world)  # every rank leaves with rank 0's last checkpoint on disk, together
+    except (RuntimeError, OSError) as e:
+        raise TrainingError(f"rank {rank} of {world}: another rank failed at the end: {e}") from e
     objective.sync()
     return dictionary.requires_grad_(False)
 
