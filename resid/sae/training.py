@@ -415,8 +415,9 @@ def train(
     bar = None
     if progress and rank == 0:
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
-    sums = torch.zeros(3, dtype=torch.float64)
-    fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    # accumulated on the device, read back only at reports (no per-step synchronisation)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
     t0, c0, step, saved = time.perf_counter(), time.process_time(), start, start
 
     def save(at: int) -> None:
@@ -441,8 +442,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += s.double().cpu()
-            fired |= f.cpu()
+            sums += s.double()
+            fired |= f
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
                 sums, fired = _report(sums, fired, last_fired, done, world, device, bar, t0,
@@ -504,11 +505,11 @@ def _start(out: Path, objective: Objective, meta: dict, resume: bool, rank: int,
 def _report(sums, fired, last_fired, done, world, device, bar, t0, tokens, cfg):
     """All-reduce the metrics since the last report (one collective), update the dead
     feature counters and the bar; returns fresh accumulators."""
+    packed = torch.cat([sums, fired.double()])
     if world > 1:
-        packed = torch.cat([sums, fired.double()]).to(device)
         dist.all_reduce(packed)
-        packed = packed.cpu()
-        sums, fired = packed[:3], packed[3:] > 0
+    packed = packed.cpu()
+    sums, fired = packed[:3], packed[3:] > 0
     last_fired[fired] = done
     if bar is not None:
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -521,7 +522,9 @@ def _report(sums, fired, last_fired, done, world, device, bar, t0, tokens, cfg):
             refresh=False,
         )
         bar.update(done - bar.n)
-    return torch.zeros(3, dtype=torch.float64), torch.zeros(cfg.d_sae, dtype=torch.bool)
+    return torch.zeros(3, dtype=torch.float64, device=device), torch.zeros(
+        cfg.d_sae, dtype=torch.bool, device=device
+    )
 
 
 def dead_features(last_fired: Float[Tensor, " d_sae"], step: int, after: int) -> int:
