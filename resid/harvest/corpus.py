@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -45,10 +47,12 @@ from typing import Literal
 
 from resid.core.tokenizer import Tokenizer
 
-try:  # optional: only for saved Hugging Face datasets
-    import datasets
-except ImportError:  # pragma: no cover - depends on the environment
-    datasets = None
+
+def _datasets():
+    """Hugging Face ``datasets`` (optional, only for saved datasets folders), imported on
+    first use: it takes seconds to import, and most corpora are plain files."""
+    return importlib.import_module("datasets")
+
 
 Mode = Literal["concat", "rows"]
 _ENCODE_BATCH = 256  # pieces tokenized together, at most
@@ -138,6 +142,7 @@ class Corpus:
         return text
 
     def _load_dataset(self):
+        datasets = _datasets()
         ds = datasets.load_from_disk(str(self.path))
         if isinstance(ds, datasets.DatasetDict):
             splits = list(ds)
@@ -194,7 +199,7 @@ def open_corpus(path: str | Path, text_field: str = "text", split: str | None = 
     if not path.exists():
         raise CorpusError(f"corpus {path} does not exist")
     if path.is_dir():
-        if datasets is None:
+        if importlib.util.find_spec("datasets") is None:
             raise CorpusError(
                 f"{path} is a folder: resid reads folders saved by Hugging Face datasets, "
                 "which is not installed (pip install datasets), or give a .txt/.jsonl file"
