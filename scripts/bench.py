@@ -3,7 +3,7 @@ eager) and TransformerLens' TransformerBridge, on the same weights and inputs, i
 process.
 
     python scripts/bench.py                          # GPT-2-small shapes on CPU (~20 min on 2 cores)
-    python scripts/bench.py --quick                  # a small smoke run (under a minute)
+    python scripts/bench.py --quick                  # a smoke run (41 s of CPU; 85 s on 2 busy cores)
     python scripts/bench.py --model SmolLM2.gguf     # a real model (SmolLM2-135M: 43 min on 2 busy cores)
     python scripts/bench.py --device cuda            # adds bf16 and 16 x 1024 where CUDA is present
     python scripts/bench.py --out bench.json --markdown
