@@ -78,15 +78,16 @@ class Model(Hooked, WeightViews, nn.Module):
         if self.W_E.device.type != "meta":
             self.init_weights()
 
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02, residual_scale: bool = True) -> None:
         """GPT-2's initialisation: normal(0, std) matrices, zero biases, unit norm gains,
         and the matrices that write to the residual stream (each head's ``W_O``, each
         MLP's ``W_out``) scaled down to ``std / sqrt(2 * n_layers)``, as GPT-2 does, so the
-        stream's variance does not grow with depth.
+        stream's variance does not grow with depth (``residual_scale=False``: std for them
+        too, as resid drew every matrix before).
 
         >>> Model(Config(n_layers=12)).blocks[0].attn.W_O.std()     # about 0.02 / sqrt(24)
         """
-        writes = std / math.sqrt(2 * self.cfg.n_layers)
+        writes = std / math.sqrt(2 * self.cfg.n_layers) if residual_scale else std
         for name, p in self.named_parameters():
             if name.endswith(("W_O", "W_out")):
                 nn.init.normal_(p, std=writes)
