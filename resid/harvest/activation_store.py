@@ -44,14 +44,7 @@ class ActivationStore:
         device: torch.device | str | None = None,
     ):
         self.folder = Path(folder)
-        info = store.read_harvest(self.folder)
-        if not info.get("activations"):
-            raise HarvestError(
-                f"{folder} holds no activations: harvest again with activations=True "
-                "(resid harvest --activations) to stream them"
-            )
-        if site not in info["sites"]:
-            raise HarvestError(f"{folder} has no activations at {site!r}; it has {info['sites']}")
+        info = store.read_activations(self.folder, [site])
         for name, value in (("batch_size", batch_size), ("buffer_shards", buffer_shards)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 30:
                 raise ValueError(f"{name} must be an int in [1, 2^30], not {value!r}")

@@ -334,6 +334,25 @@ def read_harvest(folder: str | Path) -> dict:
     return info
 
 
+def read_activations(folder: str | Path, sites: list[str] | tuple[str, ...]) -> dict:
+    """``read_harvest``'s record of a harvest that stored activations at every one of
+    ``sites`` (what the activation store and the training streams read), or a HarvestError
+    naming what is missing.
+
+    >>> read_activations("harvests/run1", ["blocks.6.hook_resid_pre"])["tokens"]
+    """
+    info = read_harvest(folder)
+    if not info.get("activations"):
+        raise HarvestError(
+            f"{folder} holds no activations: harvest again with activations=True "
+            "(resid harvest --activations) to stream them"
+        )
+    for site in sites:
+        if site not in info["sites"]:
+            raise HarvestError(f"{folder} has no activations at {site!r}; it has {info['sites']}")
+    return info
+
+
 def read_listed(folder: Path, rel: str, listed: dict[str, str], max_bytes: int) -> dict:
     """The tensors of the listed file ``folder/rel``: confined to the folder, a regular
     file of at most ``max_bytes``, matching its SHA-256, read once."""

@@ -59,19 +59,10 @@ class HarvestStreams:
         device: torch.device | str | None = None,
     ):
         self.folder = Path(folder)
-        info = store.read_harvest(self.folder)
-        if not info.get("activations"):
-            raise HarvestError(
-                f"{folder} holds no activations: harvest again with --activations to train on it"
-            )
         self.sites = tuple(sites)
         if not self.sites or len(set(self.sites)) != len(self.sites):
             raise ValueError(f"sites must name one or more distinct sites, not {list(sites)}")
-        for site in self.sites:
-            if site not in info["sites"]:
-                raise HarvestError(
-                    f"{folder} has no activations at {site!r}; it has {info['sites']}"
-                )
+        info = store.read_activations(self.folder, self.sites)
         for name, value, top in (
             ("streams", streams, MAX_STREAMS),
             ("buffer_shards", buffer_shards, 1 << 20),
