@@ -56,10 +56,13 @@ class HookPoint(nn.Module):
     autograd (``torch.no_grad()``) hooks see the activation itself and nothing is copied.
     """
 
+    name: str = ""  # the site's full name, given by the model that holds it
+    copy: bool = False
+
     def __init__(self, copy: bool = False) -> None:
         super().__init__()
-        self.name: str = ""
-        self.copy = copy
+        if copy:  # the class's default otherwise: a model builds hundreds of these
+            self.copy = True
 
     @property
     def fns(self) -> tuple[HookFn, ...]:

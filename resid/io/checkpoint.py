@@ -52,13 +52,16 @@ class Stored:
     where it can be); ``release(offset, nbytes)`` drops its pages (all, or that byte range
     of it) from memory once they have been copied.
     ``mapped``: the view is of a private (copy-on-write) mapping of a file, which a model
-    may keep as its parameter without a copy; anything else is copied."""
+    may keep as its parameter without a copy; anything else is copied. ``origin``: the
+    identity of that file when it was mapped (device, inode, size, modification and change
+    times in ns: ``resid.io.checked``), None for tensors not read from a file."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     fetch: Callable[[], Tensor]
     release: Callable[..., None] = lambda offset=0, nbytes=None: None
     mapped: bool = False
+    origin: tuple[int, ...] | None = None
 
     def view(self) -> Tensor:
         """The stored data, without a copy where it can be (do not keep it: copy it)."""
@@ -70,9 +73,8 @@ class Stored:
 
     def transposed(self) -> Stored:
         """The same data, read as its transpose (nanoGPT's ``nn.Linear`` ``[out, in]``)."""
-        return Stored(
-            self.shape[::-1], self.dtype, lambda: self.fetch().T, self.release, self.mapped
-        )
+        return Stored(self.shape[::-1], self.dtype, lambda: self.fetch().T, self.release,
+                      self.mapped, self.origin)  # fmt: skip
 
     @staticmethod
     def of(tensor: Tensor) -> Stored:
@@ -245,7 +247,8 @@ def read_safetensors(path: Path) -> dict[str, Stored]:
         mapped = _Mapping(f, path) if any(nbytes for *_, nbytes in layout.values()) else None
     return {
         name: Stored(shape, dtype, mapped.fetcher(dtype, shape, start, nbytes),
-                     mapped.releaser(start, nbytes), mapped=start % dtype.itemsize == 0)
+                     mapped.releaser(start, nbytes), mapped=start % dtype.itemsize == 0,
+                     origin=mapped.origin)
         if nbytes
         else Stored.of(torch.empty(shape, dtype=dtype))
         for name, (dtype, shape, start, nbytes) in layout.items()
@@ -266,6 +269,8 @@ class _Mapping:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot map {path} into memory: {e}") from e
+        st = os.fstat(f.fileno())  # the file mapped, as it was when mapped
+        self.origin = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _open(self) -> mmap.mmap:
         return self.map

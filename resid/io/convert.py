@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from resid.core.config import Config
 from resid.core.model import Model
 from resid.core.tokenizer import Tokenizer
+from resid.io import checked
 from resid.io.checkpoint import Stored, stored_of
 from resid.io.families import family
 from resid.io.families.assemble import check, convert, normalise
@@ -38,18 +39,40 @@ def build_model(
 ) -> Model:
     """The ``Model`` of checked, normalised checkpoint entries: names and shapes compared
     with ``cfg`` first, then each parameter converted on its own into ``dtype`` (default
-    float32) on ``device`` (default CUDA when there is one)."""
+    float32) on ``device`` (default CUDA when there is one). Values are checked (finite;
+    a tied unembedding equal to the embedding) unless ``resid.io.checked`` holds a record
+    of these very files passing for ``dtype``; a clean check leaves one."""
     params = check(entries, cfg, fam, source)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or torch.float32
-    state = convert(entries, params, cfg, fam, dtype, device, allow_nonfinite, source)
+    key = checked.record_key(entries.values(), dtype)
+    known = key is not None and checked.is_known(key)
+    state = convert(entries, params, cfg, fam, dtype, device, allow_nonfinite, source,
+                    check_values=not known)  # fmt: skip
+    if key is not None and not known and not allow_nonfinite:
+        checked.remember(key)  # convert raised had anything failed
     with torch.device("meta"):
         model = Model(cfg, tokenizer=tokenizer)
-    model.load_state_dict(state, assign=True)
+    _assign(model, state)
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.device != device or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
         model = model.to(device=device, dtype=dtype)
     return model
+
+
+def _assign(model: Model, state: dict[str, Tensor]) -> None:
+    """Each of the model's (meta) parameters replaced by its tensor from ``state``, which
+    must name exactly those parameters (``load_state_dict(assign=True)``, without its
+    per-module walk)."""
+    wanted = dict(model.named_parameters())
+    if wanted.keys() != state.keys():
+        raise RuntimeError(
+            f"resid's conversion built {sorted(state.keys() ^ wanted.keys())[:8]} wrongly: a bug"
+        )
+    modules = dict(model.named_modules())
+    for name, tensor in state.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner].register_parameter(leaf, nn.Parameter(tensor, wanted[name].requires_grad))
 
 
 def from_hf(

@@ -98,7 +98,10 @@ def load(
     is safe). ``config`` overrides the shapes read from (or, for a bare weight
     file, guessed from) the checkpoint. Every config value and every tensor is checked
     before anything is allocated; NaN or Inf weights raise ``CheckpointError`` unless
-    ``allow_nonfinite=True`` (then a warning names them). Paths ending in ``.gguf`` are
+    ``allow_nonfinite=True`` (then a warning names them). Finding NaN and Inf reads every
+    byte, so once a safetensors checkpoint is found clean a small record of its files'
+    identity is kept (``resid.io.checked``, under ``$RESID_CACHE`` or ``~/.cache/resid``)
+    and loading the same unchanged files into the same dtype again skips that read. Paths ending in ``.gguf`` are
     read by ``resid.io.gguf.load_gguf``. ``device_map`` (``"auto"``, ``{"blocks.0-11":
     "cuda:0", "blocks.12-23": "cuda:1"}``, a list of devices) or ``n_devices`` place
     consecutive blocks on several devices (``Model.to_devices``): the weights are read on

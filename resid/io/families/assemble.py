@@ -151,10 +151,13 @@ def convert(
     device: torch.device | str,
     allow_nonfinite: bool,
     source,
+    check_values: bool = True,
 ) -> dict[str, Tensor]:
     """Each of resid's parameters written once, straight into ``dtype`` on ``device``,
     from the checked ``entries``; NaN or Inf refused unless ``allow_nonfinite`` (then a
-    warning names them). At most one stored tensor is read at a time; on the CPU, a tensor
+    warning names them), as is a tied unembedding that differs from the embedding
+    (``check_values=False``: neither is looked for, for entries ``resid.io.checked`` has
+    seen pass). At most one stored tensor is read at a time; on the CPU, a tensor
     already in ``dtype`` and in resid's layout is not copied at all: the parameter is a view
     of the file's private, copy-on-write mapping (as ``transformers`` loads), so the model
     can be edited in place without touching the file."""
@@ -168,7 +171,7 @@ def convert(
                 out.zero_()
             for piece in param.pieces:
                 _write(piece, out, entries[piece.key])
-        if not _finite(out):
+        if check_values and not _finite(out):
             nonfinite += [
                 p.key for p in param.pieces if not _finite(entries[p.key].view().to(dtype))
             ] or [name]
@@ -182,7 +185,7 @@ def convert(
             )
         warnings.warn(f"{source} holds non-finite weights (NaN or Inf) in {listed}", stacklevel=4)
     tied = family.tied
-    if cfg.tie_embeddings and tied in entries and "lm_head" not in params:
+    if check_values and cfg.tie_embeddings and tied in entries and "lm_head" not in params:
         a, b = entries[tied].view(), entries[family.embed].view()
         if a.dtype != b.dtype or not torch.equal(_bits(a), _bits(b)):  # NaN equals NaN
             raise CheckpointError(
