@@ -11,7 +11,8 @@ process.
 ``--model PATH`` runs every measure on a real model (a GGUF file, e.g. the one
 ``scripts/fetch_smollm2.py`` prints): resid loads it, transformers loads the same file
 with its own GGUF reader, and the bridge is booted over transformers' model where it can
-be; loading is timed as each library's GGUF load. Results go to a JSON file, by default
+be; loading is timed as each library's GGUF load, and as a safetensors folder of the same
+(dequantised) weights and tokenizer against ``from_pretrained``. Results go to a JSON file, by default
 in the system's temporary folder (the path is printed); ``--out`` puts it elsewhere.
 
 Every measure warms each library up once, then runs them interleaved (A B C, A B C, ...)
@@ -35,19 +36,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import threading
-import time
 import warnings
-from collections.abc import Callable
 from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +52,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import psutil
 import torch
 import transformers
+from bench_load import folder_loads, save_folder
+from bench_timing import compare, show
 from torch import Tensor
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
@@ -65,107 +63,6 @@ from resid.io.references import random_hf_gpt2, transformer_lens_bridge
 
 SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
 QUICK = dict(n_layer=4, n_head=8, n_embd=256, n_positions=512)
-
-
-# ---- timing ------------------------------------------------------------------------------
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _trim() -> None:
-    """Hand freed heap back to the OS so that the next RSS baseline is honest."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def peak_memory(fn: Callable[[], object], device: str) -> int:
-    """Bytes: CUDA's peak allocation during ``fn``, or on CPU the peak RSS above the start."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    _trim()
-    proc = psutil.Process()
-    base = peak = proc.memory_info().rss
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        out = fn()
-        peak = max(peak, proc.memory_info().rss)
-        del out
-    finally:
-        stop.set()
-        thread.join()
-    return peak - base
-
-
-def compare(
-    fns: dict[str, Callable[[], object]],
-    runs: int,
-    device: str,
-    memory: bool = True,
-    warmup: Callable[[str], object] | None = None,
-) -> dict[str, dict]:
-    """Warm each up once (``warmup(name)`` when a full run would be wasteful), then ``runs``
-    interleaved rounds; medians, ratios, peak memory."""
-    with torch.inference_mode(False), torch.no_grad():
-        for name, fn in fns.items():
-            warmup(name) if warmup is not None else fn()
-        walls: dict[str, list[float]] = {k: [] for k in fns}
-        cpus: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(runs):
-            for name, fn in fns.items():
-                _sync(device)
-                t, c = time.perf_counter(), time.process_time()
-                fn()
-                _sync(device)
-                walls[name].append(time.perf_counter() - t)
-                cpus[name].append(time.process_time() - c)
-        mem = {k: peak_memory(fn, device) if memory else None for k, fn in fns.items()}
-    out = {}
-    first = next(iter(fns))
-    for name in fns:
-        out[name] = {
-            "wall_s": statistics.median(walls[name]),
-            "cpu_s": statistics.median(cpus[name]),
-            "walls": walls[name],
-            "peak_bytes": mem[name],
-        }
-    ref = out[first]
-    for name in fns:
-        # > 1: the peer takes longer than resid
-        out[name]["ratio_to_resid"] = out[name]["wall_s"] / ref["wall_s"]
-        out[name]["cpu_ratio_to_resid"] = out[name]["cpu_s"] / ref["cpu_s"]
-    return out
-
-
-def show(title: str, result: dict[str, dict], unit: str = "s", per: float | None = None) -> None:
-    print(f"\n{title}")
-    print(f"  {'':34}{'wall s':>9}{'CPU s':>9}{'peer/resid':>11}{'peak MiB':>10}")
-    for name, r in result.items():
-        mem = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:10.0f}"
-        line = f"  {name:34}{r['wall_s']:9.3f}{r['cpu_s']:9.3f}{r['ratio_to_resid']:10.2f}x{mem}"
-        if per:
-            line += f"   {per / r['wall_s']:7.1f} tok/s"
-        print(line, flush=True)
 
 
 # ---- the peers ---------------------------------------------------------------------------
@@ -513,19 +410,12 @@ def main() -> None:
         results["load the model file"] = r
         save()
         show(f"load {os.path.basename(args.model)}, each library's own reader", r)
-    elif "load" in only:
-        r = compare(
-            {
-                "resid.load": partial(resid.load, folder, device=device),
-                "HF from_pretrained": lambda: GPT2LMHeadModel.from_pretrained(folder).to(device),
-            },
-            runs,
-            device,
-            memory=False,
-        )
+        save_folder(sdpa, args.model, folder)
+    if "load" in only:
+        r = folder_loads(folder, device, runs, tokenizer=bool(args.model))
         results["load saved folder"] = r
         save()
-        show("load a saved folder (config.json + model.safetensors)", r)
+        show("load a safetensors folder (config.json + model.safetensors)", r)
 
     save()
     print(f"\nwrote {args.out}")

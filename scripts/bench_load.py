@@ -1,9 +1,10 @@
 """Loading benchmarks: ``resid.load`` against ``transformers``' ``from_pretrained`` of the same
-folder, in time (warm, interleaved runs, medians) and in peak host memory (each load in a
-fresh process: peak resident set over the process's resident set just before the load, and
-the absolute peak).
+folder, in time (warm, interleaved runs, medians: ``bench.py``'s load measure) and in peak
+host memory (each load in a fresh process: peak resident set over the process's resident
+set just before the load, and the absolute peak).
 
     python scripts/bench_load.py time /work/cache/smollm2-st           # a safetensors folder
+    python scripts/bench_load.py time /tmp/weights-only                  # ... without tokenizer files
     python scripts/bench_load.py make-llama /work/cache/llama1b          # ~1.1B random Llama
     python scripts/bench_load.py rss /work/cache/llama1b --dtype bfloat16
 
@@ -16,14 +17,26 @@ bound from issue 22 is peak RSS ≤ 1.15 × the bf16 weights' bytes + 400 MB.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+import safetensors.torch
+import torch
+from bench_timing import compare, show
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import resid
+from resid.io import checked
 
 RSS_SCRIPT = """
 import json, sys, time, torch, warnings
@@ -52,9 +65,6 @@ print(json.dumps({"which": which, "seconds": seconds, "weights": weights, "start
 
 def make_llama(folder: Path, shard_bytes: int = 1 << 30) -> None:
     """A random ~1.1B-parameter Llama checkpoint, written shard by shard."""
-    import safetensors.torch
-    import torch
-
     d, layers, heads, kv, m, V = 2048, 22, 32, 4, 5632, 32000
     e = d // heads
     shapes = {
@@ -122,44 +132,72 @@ def rss(folder: Path, dtype: str) -> None:
     print(json.dumps(rows))
 
 
+def folder_loads(folder: str, device: str, runs: int, tokenizer: bool) -> dict[str, dict]:
+    """``resid.load`` of a saved folder against ``from_pretrained`` (and ``AutoTokenizer``
+    where the folder has a tokenizer). resid reads every value of a checkpoint it has not
+    seen to refuse NaN and Inf (transformers reads none at load) and keeps a record of
+    files found clean (``resid.io.checked``): "resid.load" is a later load, "first load"
+    one with a fresh records folder every time."""
+    records, fresh = tempfile.mkdtemp(prefix="resid-bench-"), itertools.count()
+    saved = os.environ.get("RESID_CACHE")
+
+    def resid_load(first: bool) -> Callable[[], object]:
+        def run():
+            os.environ["RESID_CACHE"] = os.path.join(
+                records, f"first-{next(fresh)}" if first else "kept"
+            )
+            return resid.load(folder, device=device)
+
+        return run
+
+    fns = {"resid.load": resid_load(False), "resid.load, first load": resid_load(True),
+           "HF from_pretrained": lambda: AutoModelForCausalLM.from_pretrained(folder).to(device)}  # fmt: skip
+    if tokenizer:
+        fns["HF from_pretrained + AutoTokenizer"] = lambda: (
+            AutoModelForCausalLM.from_pretrained(folder).to(device), AutoTokenizer.from_pretrained(folder))  # fmt: skip
+    time.sleep(checked.MARGIN_NS / 1e9 + 0.1)  # files written just now are never recorded
+    try:
+        return compare(fns, runs, device, memory=False)
+    finally:
+        if saved is None:
+            del os.environ["RESID_CACHE"]
+        else:
+            os.environ["RESID_CACHE"] = saved
+        shutil.rmtree(records)
+
+
+def save_folder(hf, gguf: str, folder: str) -> None:
+    """transformers' model of a GGUF file and its tokenizer as a plain safetensors folder
+    (its ``save_pretrained`` refuses a model loaded from GGUF)."""
+    config = copy.deepcopy(hf.config)
+    config.__dict__.pop("quantization_config", None)
+    config.save_pretrained(folder)
+    tied = config.tie_word_embeddings
+    state = {
+        k: v.contiguous()
+        for k, v in hf.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    safetensors.torch.save_file(state, os.path.join(folder, "model.safetensors"), {"format": "pt"})
+    gguf_dir, name = os.path.split(os.path.abspath(gguf))
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(folder)
+
+
 def timing(folder: Path, repeats: int) -> None:
-    import warnings
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import resid
-
+    """bench.py's folder-load measure alone: resid's later and first loads of ``folder``
+    against ``from_pretrained`` (and ``AutoTokenizer``), interleaved, medians."""
     warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    bare = Path(tempfile.mkdtemp()) / "weights-only"  # the same files, no tokenizer beside them
-    bare.mkdir()
-    for f in folder.iterdir():
-        if not f.name.startswith("tokenizer"):
-            (bare / f.name).symlink_to(f.resolve())
-    runs = {
-        "resid.load": lambda: resid.load(folder, device="cpu"),
-        "resid.load, no tokenizer file": lambda: resid.load(bare, device="cpu"),
-        "from_pretrained": lambda: AutoModelForCausalLM.from_pretrained(folder),
-        "from_pretrained + AutoTokenizer": lambda: (
-            AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)),
-    }  # fmt: skip
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()  # warm: page cache, imports
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in med.items():
-        print(f"{k:>32}: {v * 1e3:7.0f} ms (median of {repeats})")
-    shutil.rmtree(bare.parent)
-    print(f"resid / from_pretrained: {med['resid.load'] / med['from_pretrained']:.2f}x; "
-          f"without the tokenizer: {med['resid.load, no tokenizer file'] / med['from_pretrained']:.2f}x; "
-          f"resid / (from_pretrained + tokenizer): "
-          f"{med['resid.load'] / med['from_pretrained + AutoTokenizer']:.2f}x")  # fmt: skip
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    r = folder_loads(str(folder), "cpu", repeats, tokenizer=has_tokenizer)
+    show(f"load {folder}", r)
+    m = {k: v["wall_s"] for k, v in r.items()}
+    hf = m["HF from_pretrained"]
+    print(f"resid.load / from_pretrained: {m['resid.load'] / hf:.2f}x "
+          f"(first load {m['resid.load, first load'] / hf:.2f}x)")  # fmt: skip
+    if has_tokenizer:
+        both = m["HF from_pretrained + AutoTokenizer"]
+        print(f"resid.load / (from_pretrained + AutoTokenizer): {m['resid.load'] / both:.2f}x "
+              f"(first load {m['resid.load, first load'] / both:.2f}x)")  # fmt: skip
 
 
 def main() -> None:
@@ -167,7 +205,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     t = sub.add_parser("time", help="load time, resid against transformers (warm, medians)")
     t.add_argument("folder", type=Path)
-    t.add_argument("--repeats", type=int, default=7)
+    t.add_argument("--repeats", type=int, default=9)
     r = sub.add_parser("rss", help="peak host memory of one load, each in a fresh process")
     r.add_argument("folder", type=Path)
     r.add_argument("--dtype", default="bfloat16")

@@ -113,6 +113,23 @@ def split(tiny):
     return model
 
 
+def test_a_placed_model_moved_to_one_device_is_a_one_device_model(split, tiny):
+    """``model.to(device)`` after ``to_devices`` leaves no stale plan behind."""
+    model = copy.deepcopy(split).to("cpu")
+    assert model.layer_devices is None
+    assert torch.equal(model(torch.arange(9)[None]), tiny(torch.arange(9)[None]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moving_a_model_on_two_devices_keeps_or_drops_its_plan(tiny):
+    model = copy.deepcopy(tiny).to_devices(["cuda:0", "cpu"])
+    assert model.layer_devices == (torch.device("cuda", 0), CPU)
+    model.double()  # a dtype, not a device: still on both
+    assert model.layer_devices == (torch.device("cuda", 0), CPU)
+    model.to("cpu")
+    assert model.layer_devices is None and {p.device for p in model.parameters()} == {CPU}
+
+
 @pytest.fixture
 def prompts():
     g = torch.Generator().manual_seed(0)

@@ -408,6 +408,15 @@ class Model(Hooked, WeightViews, nn.Module):
         devices.place(self, plan)
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``to``, ``cuda``, ``half``, ...: a model placed on several devices that now sits on
+        # one is a one-device model again; on several, its plan is where the blocks now are
+        out = super()._apply(fn, recurse)
+        if self.layer_devices is not None:
+            now = tuple(devices.module_device(block) for block in self.blocks)
+            self.layer_devices = None if set(now) == {self.device} else now
+        return out
+
     # ---- generation ------------------------------------------------------------------
 
     def generate(self, input: Input, max_new_tokens: int = 20, **kwargs) -> str | Tensor:
