@@ -134,19 +134,20 @@ def rss(folder: Path, dtype: str) -> None:
 
 def folder_loads(folder: str, device: str, runs: int, tokenizer: bool) -> dict[str, dict]:
     """``resid.load`` of a saved folder against ``from_pretrained`` (and ``AutoTokenizer``
-    where the folder has a tokenizer). resid reads every value of a checkpoint it has not
-    seen to refuse NaN and Inf (transformers reads none at load) and keeps a record of
-    files found clean (``resid.io.checked``): "resid.load" is a later load, "first load"
-    one with a fresh records folder every time."""
+    where the folder has a tokenizer; then also resid on the same folder without its
+    tokenizer files, the work ``from_pretrained`` alone does). resid reads every value of
+    a checkpoint it has not seen to refuse NaN and Inf (transformers reads none at load)
+    and keeps a record of files found clean (``resid.io.checked``): "resid.load" is a
+    later load, "first load" one with a fresh records folder every time."""
     records, fresh = tempfile.mkdtemp(prefix="resid-bench-"), itertools.count()
     saved = os.environ.get("RESID_CACHE")
 
-    def resid_load(first: bool) -> Callable[[], object]:
+    def resid_load(first: bool, where: str = folder) -> Callable[[], object]:
         def run():
             os.environ["RESID_CACHE"] = os.path.join(
                 records, f"first-{next(fresh)}" if first else "kept"
             )
-            return resid.load(folder, device=device)
+            return resid.load(where, device=device)
 
         return run
 
@@ -155,6 +156,13 @@ def folder_loads(folder: str, device: str, runs: int, tokenizer: bool) -> dict[s
     if tokenizer:
         fns["HF from_pretrained + AutoTokenizer"] = lambda: (
             AutoModelForCausalLM.from_pretrained(folder).to(device), AutoTokenizer.from_pretrained(folder))  # fmt: skip
+        bare = os.path.join(records, "weights-only")  # the same files but the tokenizer's
+        os.mkdir(bare)
+        for name in os.listdir(folder):
+            if not name.startswith("tokenizer"):
+                os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(bare, name))
+        fns["resid.load, no tokenizer files"] = resid_load(False, bare)
+        fns["resid.load, no tokenizer files, first load"] = resid_load(True, bare)
     time.sleep(checked.MARGIN_NS / 1e9 + 0.1)  # files written just now are never recorded
     try:
         return compare(fns, runs, device, memory=False)
@@ -196,8 +204,14 @@ def timing(folder: Path, repeats: int) -> None:
           f"(first load {m['resid.load, first load'] / hf:.2f}x)")  # fmt: skip
     if has_tokenizer:
         both = m["HF from_pretrained + AutoTokenizer"]
+        bare, bare_first = (
+            m["resid.load, no tokenizer files"],
+            m["resid.load, no tokenizer files, first load"],
+        )
         print(f"resid.load / (from_pretrained + AutoTokenizer): {m['resid.load'] / both:.2f}x "
-              f"(first load {m['resid.load, first load'] / both:.2f}x)")  # fmt: skip
+              f"(first load {m['resid.load, first load'] / both:.2f}x)\n"
+              f"without tokenizer files, resid.load / from_pretrained: {bare / hf:.2f}x "
+              f"(first load {bare_first / hf:.2f}x)")  # fmt: skip
 
 
 def main() -> None:

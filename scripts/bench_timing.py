@@ -107,10 +107,10 @@ def compare(
 
 def show(title: str, result: dict[str, dict], unit: str = "s", per: float | None = None) -> None:
     print(f"\n{title}")
-    print(f"  {'':34}{'wall s':>9}{'CPU s':>9}{'peer/resid':>11}{'peak MiB':>10}")
+    print(f"  {'':44}{'wall s':>9}{'CPU s':>9}{'peer/resid':>11}{'peak MiB':>10}")
     for name, r in result.items():
         mem = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:10.0f}"
-        line = f"  {name:34}{r['wall_s']:9.3f}{r['cpu_s']:9.3f}{r['ratio_to_resid']:10.2f}x{mem}"
+        line = f"  {name:44}{r['wall_s']:9.3f}{r['cpu_s']:9.3f}{r['ratio_to_resid']:10.2f}x{mem}"
         if per:
             line += f"   {per / r['wall_s']:7.1f} tok/s"
         print(line, flush=True)

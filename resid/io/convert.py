@@ -62,17 +62,16 @@ def build_model(
 
 def _assign(model: Model, state: dict[str, Tensor]) -> None:
     """Each of the model's (meta) parameters replaced by its tensor from ``state``, which
-    must name exactly those parameters (``load_state_dict(assign=True)``, without its
-    per-module walk)."""
-    wanted = dict(model.named_parameters())
-    if wanted.keys() != state.keys():
-        raise RuntimeError(
-            f"resid's conversion built {sorted(state.keys() ^ wanted.keys())[:8]} wrongly: a bug"
-        )
-    modules = dict(model.named_modules())
-    for name, tensor in state.items():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner].register_parameter(leaf, nn.Parameter(tensor, wanted[name].requires_grad))
+    must name exactly those parameters (``load_state_dict(assign=True)``, in one walk)."""
+    owners = [
+        (module, f"{prefix}.{leaf}" if prefix else leaf, leaf, p.requires_grad)
+        for prefix, module in model.named_modules()
+        for leaf, p in module.named_parameters(recurse=False)
+    ]
+    if {name for _, name, _, _ in owners} != state.keys():
+        raise RuntimeError("resid's conversion did not build exactly the model's parameters: a bug")
+    for module, name, leaf, grad in owners:
+        module.register_parameter(leaf, nn.Parameter(state[name], grad))
 
 
 def from_hf(
