@@ -8,6 +8,8 @@ safetensors checkpoint clean leaves a record of it, and a later load of the very
 files into the same dtype skips the value check (headers, names, shapes and sizes are
 still checked every time).
 
+Every family's conversion is a relayout (copies, transposes, fusing q/k/v; no arithmetic),
+so what the check sees depends only on the files' bytes and the dtype: those are the key.
 "The very same files" is the identity ``checkpoint.Stored.origin`` took from each file
 when it was mapped: device, inode, size, modification and change times (ns). Writing to a
 file sets its change time, and nothing but the system clock can set it back, so a file
