@@ -100,7 +100,7 @@ def test_a_record_is_for_one_dtype(folder, tmp_path):
 
 def test_fresh_files_and_unwritable_folders_leave_no_record(tmp_path, monkeypatch):
     """A file changed within the margin (2 s) is not recorded; a records folder that cannot
-    be made is no error."""
+    be made, or a relative one, is no error and holds no record."""
     monkeypatch.setenv("RESID_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "model"
     make_hf_gpt2(seed=0, std=0.02, **SHAPE).save_pretrained(out)
@@ -111,6 +111,10 @@ def test_fresh_files_and_unwritable_folders_leave_no_record(tmp_path, monkeypatc
     monkeypatch.setattr(checked, "MARGIN_NS", 0)
     time.sleep(0.05)
     resid.load(out, device="cpu")  # checks the values, records nothing, raises nothing
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESID_CACHE", "relative")  # not absolute: no records at all
+    resid.load(out, device="cpu")
+    assert not (tmp_path / "relative").exists()
 
 
 def test_records_are_pruned_and_only_records(tmp_path, monkeypatch):

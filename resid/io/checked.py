@@ -50,11 +50,16 @@ MAX_RECORD_BYTES = 64 << 10
 MAX_RECORDS = 1024
 
 
-def folder() -> Path:
+def folder() -> Path | None:
     """Where records live: ``$RESID_CACHE/checked``, else ``~/.cache/resid/checked`` (the
-    cache root ``scripts/fetch_smollm2.py`` keeps the real model under)."""
+    cache root ``scripts/fetch_smollm2.py`` keeps the real model under); None (no records)
+    where that is not an absolute path, e.g. with no home folder."""
     root = os.environ.get("RESID_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "resid") / "checked"
+    try:
+        base = Path(root).expanduser() if root else Path.home() / ".cache" / "resid"
+    except (RuntimeError, KeyError):  # no home folder to be found
+        return None
+    return base / "checked" if base.is_absolute() else None
 
 
 def record_key(entries: Iterable[Stored], dtype: torch.dtype) -> str | None:
@@ -73,23 +78,27 @@ def record_key(entries: Iterable[Stored], dtype: torch.dtype) -> str | None:
     return json.dumps({"version": VERSION, "dtype": str(dtype), "files": sorted(origins)})
 
 
-def _path(key: str) -> Path:
-    return folder() / hashlib.sha256(key.encode()).hexdigest()
+def _path(key: str) -> Path | None:
+    where = folder()
+    return None if where is None else where / hashlib.sha256(key.encode()).hexdigest()
 
 
 def is_known(key: str) -> bool:
     """True when a record of exactly ``key`` exists (a missing, unreadable or different
     file is not one)."""
+    path = _path(key)
     try:
-        return files.read_regular(_path(key), MAX_RECORD_BYTES).decode() == key
+        return path is not None and files.read_regular(path, MAX_RECORD_BYTES).decode() == key
     except (OSError, ValueError, UnicodeDecodeError):
         return False
 
 
 def remember(key: str) -> None:
     """Record ``key`` (quietly nothing where the folder cannot be written)."""
+    path = _path(key)
+    if path is None:
+        return
     try:
-        path = _path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         files.atomic_write(path, key.encode(), durable=False)
         _prune(path.parent)
