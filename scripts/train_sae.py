@@ -37,24 +37,37 @@ weights; rank 0 checkpoints to ``--out``, and ``--resume`` continues after a kil
         --arch topk --k 32 --d-sae 8192 --streams 2 --steps 20000 --out runs/sae
     torchrun --nproc_per_node 2 scripts/train_sae.py ... --out runs/sae --resume   # after a kill
     python scripts/train_sae.py --synthetic 65536,256 --steps 50 --out /tmp/s      # random rows
+
+``--tokens FILE`` (``.pt`` or ``.npy``: int token ids ``[n_sequences, pos]``; a ``.pt`` may
+instead hold ``{"tokens": ..., "attention_mask": ...}``) or ``--text FILE`` (tokenized with
+``--model``'s tokenizer and cut into ``--context-length``-token sequences) trains on
+activations computed on the fly (``resid.sae.model_streams.ModelStreams``): every rank runs
+``--model`` on its own streams' sequences as it trains, no harvest needed::
+
+    torchrun --nproc_per_node 2 scripts/train_sae.py --model gpt2 --text corpus.txt \
+        --site blocks.5.hook_resid_pre --arch topk --k 32 --streams 2 --out runs/sae
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import resid
+from resid.core import files
 from resid.core.distributed import DistributedError, init_distributed
 from resid.harvest.errors import HarvestError
 from resid.harvest.streams import HarvestStreams
 from resid.sae import SAE, SAEConfig, Transcoder, TranscoderConfig, save_transcoders
+from resid.sae.model_streams import ModelStreams
 from resid.sae.training import TensorStreams, TrainConfig, TrainingError
 from resid.sae.training import train as train_distributed
 
@@ -62,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_TOKEN_FILE = 16 << 30  # bytes of --tokens / --text read
 
 
 @torch.no_grad()
@@ -224,7 +238,8 @@ def train_transcoder(
 
 
 def add_distributed(p: argparse.ArgumentParser) -> None:
-    """The options of training on a harvest (or synthetic rows) under torchrun."""
+    """The options of training on a harvest, on the fly (--tokens, --text) or on synthetic
+    rows, under torchrun."""
     d = p.add_argument_group("training on a harvest, on one process or many (torchrun)")
     d.add_argument(
         "--harvest", help="a harvest folder with activations (resid harvest --activations)"
@@ -232,6 +247,21 @@ def add_distributed(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--synthetic", metavar="ROWS,WIDTH", help="seeded random rows instead (benchmarks)"
     )
+    d.add_argument("--tokens", metavar="FILE",
+                   help="on the fly: token ids [n_sequences, pos] (.pt or .npy) run through "
+                        "--model as it trains")  # fmt: skip
+    d.add_argument(
+        "--text", metavar="FILE", help="on the fly: a text file, tokenized with --model's tokenizer"
+    )
+    d.add_argument("--context-length", type=int, default=128,
+                   help="--text: tokens per sequence (BOS first where the tokenizer adds one)")  # fmt: skip
+    d.add_argument(
+        "--batch-sequences", type=int, default=8, help="on the fly: sequences per forward"
+    )
+    d.add_argument("--buffer-sequences", type=int, default=64,
+                   help="on the fly: sequences whose rows are shuffled together")  # fmt: skip
+    d.add_argument("--mean-sequences", type=int, default=256,
+                   help="on the fly: sequences the decoder bias's starting mean is taken over")  # fmt: skip
     d.add_argument("--site-out", help="train a transcoder from --site to this site (hook_mlp_out)")
     d.add_argument("--batch-size", type=int, default=1024, help="rows per step over all ranks")
     d.add_argument("--streams", type=int, default=None,
@@ -276,6 +306,8 @@ def distributed(args: argparse.Namespace) -> int:
                 raise ValueError(f"--synthetic {args.synthetic}: at most 2^30 numbers, please")
             g = torch.Generator().manual_seed(args.seed)
             data = TensorStreams(torch.randn(rows, width, generator=g), streams, args.seed)
+        elif args.tokens or args.text:
+            data = on_the_fly(args, streams, device)
         else:
             sites = [args.site] + ([args.site_out] if args.site_out else [])
             data = HarvestStreams(args.harvest, sites, streams, seed=args.seed,
@@ -302,6 +334,63 @@ def distributed(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_tokens(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids ``[n_sequences, pos]`` (and an attention mask, if the file holds one) from
+    a ``.pt`` (a tensor, or ``{"tokens", "attention_mask"}``, loaded with
+    ``weights_only=True``) or a ``.npy`` (no pickles) regular file."""
+    data = files.read_regular(path, MAX_TOKEN_FILE)
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)), None
+    if not path.endswith(".pt"):
+        raise ValueError(f"--tokens {path}: a .pt or .npy file of token ids, please")
+    try:
+        got = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # a corrupt or foreign file: many types
+        raise ValueError(f"--tokens {path} is not a torch file of token ids: {e}") from None
+    if isinstance(got, dict) and set(got) <= {"tokens", "attention_mask"} and "tokens" in got:
+        return got["tokens"], got.get("attention_mask")
+    if not isinstance(got, torch.Tensor):
+        raise ValueError(
+            f"--tokens {path} holds a {type(got).__name__}: save a tensor of token ids or "
+            '{"tokens": ..., "attention_mask": ...}'
+        )
+    return got, None
+
+
+def text_tokens(model: resid.Model, path: str, context: int) -> torch.Tensor:
+    """``path``'s text tokenized with ``model``'s tokenizer and cut into sequences of
+    ``context`` tokens (BOS first where the tokenizer adds one); the tail is dropped."""
+    if not 2 <= context <= model.cfg.n_ctx:
+        raise ValueError(f"--context-length must be in [2, {model.cfg.n_ctx}], not {context}")
+    text = files.read_regular(path, MAX_TOKEN_FILE).decode("utf-8", errors="replace")
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if tok.add_bos_token else []
+    ids = torch.tensor(tok.encode(text), dtype=torch.int64)
+    per = context - len(bos)
+    n = len(ids) // per
+    if n == 0:
+        raise ValueError(f"--text {path} has {len(ids)} tokens, less than one sequence of {per}")
+    rows = ids[: n * per].view(n, per)
+    return torch.cat([torch.tensor(bos, dtype=torch.int64).expand(n, len(bos)), rows], 1)
+
+
+def on_the_fly(args: argparse.Namespace, streams: int, device: torch.device) -> ModelStreams:
+    """The model at --model on --tokens or --text, its activations computed as it trains."""
+    if args.tokens and args.text:
+        raise ValueError("--tokens or --text, not both")
+    model = resid.load(args.model, device=device)
+    if args.tokens:
+        tokens, mask = read_tokens(args.tokens)
+    else:
+        tokens, mask = text_tokens(model, args.text, args.context_length), None
+    sites = [args.site] + ([args.site_out] if args.site_out else [])
+    return ModelStreams(
+        model, tokens, sites, streams, args.seed, attention_mask=mask,
+        batch_sequences=args.batch_sequences, buffer_sequences=args.buffer_sequences,
+        mean_sequences=args.mean_sequences, device=device,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "notebooks" / "toy-induction"))
@@ -319,10 +408,10 @@ def main() -> None:
     p.add_argument("--skip", action="store_true", help="transcoders with a linear skip term")
     add_distributed(p)
     args = p.parse_args()
-    if args.harvest or args.synthetic:
+    if args.harvest or args.synthetic or args.tokens or args.text:
         try:
             sys.exit(distributed(args))
-        except (TrainingError, DistributedError, HarvestError, ValueError, OSError) as e:
+        except (TrainingError, DistributedError, HarvestError, ValueError, TypeError, OSError) as e:
             rank = os.environ.get("RANK", "0")
             print(f"train_sae.py (rank {rank}): error: {e}", file=sys.stderr, flush=True)
             if isinstance(e, TrainingError) and dist.is_initialized():
