@@ -139,6 +139,15 @@ def test_stop_at_layer_from_the_site_table(model, data):
         assert ModelStreams(model, tokens, sites).stop == stop
 
 
+def test_token_dtypes_give_the_same_rows(model, data):
+    tokens, mask = data
+    want = ModelStreams(model, tokens, SITE, attention_mask=mask).rows(torch.arange(N))
+    for dtype in (torch.int32, torch.uint16):  # uint16: token files often are
+        ms = ModelStreams(model, tokens.to(dtype), SITE, attention_mask=mask.to(torch.uint8))
+        assert torch.equal(ms.rows(torch.arange(N))[0], want[0])
+        assert ms.identity() == ModelStreams(model, tokens, SITE, attention_mask=mask).identity()
+
+
 def test_left_padding_drops_the_padded_positions(model, data):
     tokens, right = data
     left = right.flip(1)
@@ -245,6 +254,10 @@ def test_bad_inputs_are_refused_clearly(model, data):
         ModelStreams(wide, long, "blocks.0.hook_resid_pre", buffer_sequences=513)
     with pytest.raises(ValueError, match="buffer_sequences must be an int in \\[1,"):
         ModelStreams(model, tokens, SITE, buffer_sequences=0)
+    with pytest.raises(ValueError, match="not a device"):
+        ModelStreams(model, tokens, SITE, device="gpu:x")
+    with pytest.raises(TypeError, match="hook name"):
+        ModelStreams(model, tokens, 3)
     with pytest.raises(TypeError, match="resid.Model"):
         ModelStreams(object(), tokens, SITE)
     ms = ModelStreams(model, tokens, SITE, streams=2)
@@ -289,7 +302,7 @@ def saved(model, data, tmp_path_factory):
     path = resid.save(model, folder / "model")
     tokens, mask = data
     torch.save({"tokens": tokens, "attention_mask": mask}, folder / "tokens.pt")
-    np.save(folder / "tokens.npy", tokens.numpy())
+    np.save(folder / "tokens.npy", tokens.numpy().astype(np.uint16))  # as token files often are
     return folder, path
 
 
@@ -329,6 +342,10 @@ def test_script_trains_on_tokens_and_text(model, data, saved, tmp_path, monkeypa
     assert all(torch.equal(getattr(direct, k), got[k]) for k in got)
     assert run_script(["--model", str(path), "--tokens", str(folder / "tokens.npy"), *ARGS,
                        "--out", str(tmp_path / "npy")], monkeypatch) == 0  # fmt: skip
+    unmasked = ModelStreams(model, tokens, SITE, 2, 5, buffer_sequences=8)
+    direct = train(unmasked, CFG, tmp_path / "direct-npy", SITE, progress=False)
+    got = weights(tmp_path / "npy")
+    assert all(torch.equal(getattr(direct, k), got[k]) for k in got)
     text = tmp_path / "corpus.txt"
     text.write_text("The cat sat on the mat and the dog ran to the owl. " * 40)
     assert run_script(["--model", str(path), "--text", str(text), "--context-length", "8",
@@ -339,8 +356,11 @@ def test_script_trains_on_tokens_and_text(model, data, saved, tmp_path, monkeypa
     assert record["data"]["sequences"] == n and record["data"]["positions"] == 8
     bad = tmp_path / "bad.pt"
     torch.save(tokens.float(), bad)
-    assert run_script(["--model", str(path), "--tokens", str(bad), *ARGS,
-                       "--out", str(tmp_path / "bad")], monkeypatch) == 1  # fmt: skip
+    for wrong in (["--tokens", str(bad)], ["--tokens", str(text)],
+                  ["--tokens", str(folder / "tokens.pt"), "--text", str(text)]):  # fmt: skip
+        assert run_script(["--model", str(path), *wrong, *ARGS, "--out",
+                           str(tmp_path / "bad")], monkeypatch) == 1  # fmt: skip
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -87,11 +87,11 @@ class ModelStreams:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a resid.Model, not {type(model).__name__}")
         self.model = model
+        if not isinstance(sites, (str, list, tuple)):
+            raise TypeError(f"sites is a hook name or a list of them, not {type(sites).__name__}")
         self.sites = (sites,) if isinstance(sites, str) else tuple(sites)
         self.widths = self._check_sites(model, self.sites)
-        self.tokens = self._check_tokens(model, tokens)
-        n, pos = self.tokens.shape
-        self.mask = self._check_mask(attention_mask, (n, pos))
+        n, pos = self._check_shape(model, tokens)
         _check_int("streams", streams, 1, min(n, MAX_STREAMS))
         _check_int("seed", seed, 0, 1 << 62)
         _check_int("batch_sequences", batch_sequences, 1, 1 << 20)
@@ -104,10 +104,15 @@ class ModelStreams:
                 f"{list(self.widths)} is more than 2^31 floats in memory: pass "
                 f"buffer_sequences={top} or fewer"
             )
+        try:
+            self.device = torch.device(device) if device is not None else model.device
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a device ({e})") from None
+        self.mask = self._check_mask(attention_mask, (n, pos))
+        self.tokens = self._copy_tokens(model, tokens)
         self.streams, self.seed = streams, seed
         self.batch_sequences, self.buffer_sequences = batch_sequences, buffer_sequences
         self.mean_sequences = mean_sequences
-        self.device = torch.device(device) if device is not None else model.device
         lengths = self.mask.sum(1) if self.mask is not None else torch.full((n,), pos)
         self.lengths = lengths.to(torch.int64)
         self.parts = [torch.arange(s, n, streams) for s in range(streams)]
@@ -141,7 +146,7 @@ class ModelStreams:
         return tuple(widths)
 
     @staticmethod
-    def _check_tokens(model: Model, tokens) -> Tensor:
+    def _check_shape(model: Model, tokens) -> tuple[int, int]:
         if not isinstance(tokens, Tensor):
             raise TypeError(
                 f"tokens must be a tensor of token ids [n_sequences, pos], not "
@@ -155,13 +160,19 @@ class ModelStreams:
                 f"{tuple(tokens.shape)} (one sequence: tokens[None])"
             )
         n, pos = tokens.shape
-        _check_int("n_sequences", n, 1, 1 << 40)
         if pos > model.cfg.n_ctx:
             raise ValueError(
                 f"{pos} positions is more than the model's context of {model.cfg.n_ctx}: "
                 f"cut the sequences to {model.cfg.n_ctx} tokens or fewer"
             )
-        tokens = tokens.detach().to("cpu", copy=True)
+        return int(n), int(pos)
+
+    @staticmethod
+    def _copy_tokens(model: Model, tokens: Tensor) -> Tensor:
+        """The streams' own copy of the token ids, on the CPU, checked against the vocabulary
+        (uint16/32/64, which token files often are and which lack some ops: as int64)."""
+        wide = tokens.dtype in (torch.uint16, torch.uint32, torch.uint64)
+        tokens = tokens.detach().to("cpu", torch.int64 if wide else tokens.dtype, copy=True)
         lo, hi = (int(t) for t in tokens.aminmax())
         d_vocab = model.cfg.d_vocab
         if lo < 0 or hi >= d_vocab:
