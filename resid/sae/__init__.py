@@ -6,6 +6,8 @@ The package, one idea per module:
 - ``config``: :class:`SAEConfig` (SAELens' ``cfg.json``, checked field by field) and
   :class:`SAEError`;
 - ``module``: :class:`SAE`, the module and its splice (``with model.saes([sae]):``);
+- ``dictionary``: what SAEs and transcoders share (parameters from the config, hook
+  points, identity, features);
 - ``sites``: where an SAE can be spliced (from ``resid.core.names``' table of sites);
 - ``features``: :class:`Feature`, a feature as a read and a write direction;
 - ``files``: :func:`load` and :func:`save` in SAELens' format, local or from the hub;

@@ -44,11 +44,9 @@ attaches one hook per spliced module today, at ``hook_name``.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from resid.core.cache import ActivationCache
 from resid.core.hooks import HookFn, HookPoint
@@ -58,13 +56,12 @@ from resid.core.protocols import ModelLike
 from resid.sae import processing, sites
 from resid.sae.circuits import direct_feature_attribution
 from resid.sae.config import SAEConfig, SAEError
-from resid.sae.features import Feature
+from resid.sae.dictionary import SUFFIXES, DictionaryModule
 
-SUFFIXES = ("hook_input", "hook_acts_pre", "hook_acts", "hook_recons", "hook_error")
 Stats = tuple[Tensor, Tensor] | None  # (mean, scale) a normalising SAE undoes on its output
 
 
-class SAE(nn.Module):
+class SAE(DictionaryModule):
     """A sparse autoencoder (standard, top-k, JumpReLU or gated), as SAELens defines them.
 
     ``W_enc: [d_in, d_sae]`` (feature ``i`` reads column ``i``), ``W_dec: [d_sae, d_in]``
@@ -77,45 +74,20 @@ class SAE(nn.Module):
     >>> sae.decode(acts, x).shape       # [batch, pos, d_in]; x gives normalising SAEs their scale
     """
 
+    _kind = "sae"
+    _called = "an SAE's"
+
     def __init__(self, cfg: SAEConfig):
-        super().__init__()
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"SAE takes an SAEConfig, not {type(cfg).__name__}")
-        self.cfg = cfg
-        for name, shape in cfg.shapes().items():
-            setattr(self, name, nn.Parameter(torch.zeros(shape, dtype=cfg.torch_dtype)))
-        for suffix in SUFFIXES:
-            setattr(self, suffix, HookPoint())
-        self._model: weakref.ref | None = None
+        super().__init__(cfg)  # parameters, hook points: resid.sae.dictionary
 
-    # -- identity ------------------------------------------------------------------------
-
-    @property
-    def hook_name(self) -> str:
-        """The site it reads and (spliced) replaces, e.g. ``blocks.6.hook_resid_pre``."""
-        return self.cfg.hook_name
+    # -- identity (hook_name, d_sae, model, name_of: resid.sae.dictionary) -------------
 
     @property
     def d_in(self) -> int:
         """The width it reads (``n_heads * d_head`` for a ``hook_z`` SAE)."""
         return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        """The number of features."""
-        return self.cfg.d_sae
-
-    @property
-    def model(self) -> ModelLike | None:
-        """The model it was last checked against (spliced into), if it is still alive."""
-        return self._model() if self._model is not None else None
-
-    def name_of(self, suffix: str) -> str:
-        """The full name of one of its hook points: ``name_of("hook_acts")`` is
-        ``"{hook_name}.sae.hook_acts"``."""
-        if suffix not in SUFFIXES:
-            raise KeyError(f"an SAE's hook points are {', '.join(SUFFIXES)}, not {suffix!r}")
-        return f"{self.hook_name}.sae.{suffix}"
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -253,10 +225,6 @@ class SAE(nn.Module):
 
     # -- splicing (resid.core.model.Spliceable) -----------------------------------------
 
-    def hook_points(self) -> dict[str, HookPoint]:
-        """Its hook points by suffix, addressed as ``f"{hook_name}.{suffix}"`` when spliced."""
-        return {f"sae.{s}": getattr(self, s) for s in SUFFIXES}
-
     def check_fits(self, model: ModelLike) -> None:
         """Raise :class:`SAEError`, naming the SAE, the site and the fix, unless it can run
         at its site of ``model``: a site whose activation it can read (not scores,
@@ -267,7 +235,7 @@ class SAE(nn.Module):
         """
         sites.check_fits(model, self.hook_name, self.d_in, self.cfg.reshape_activations, repr(self))
         processing.check_processing(self.cfg, model, repr(self))  # warns on another basis
-        self._model = weakref.ref(model)
+        self._checked_against(model)
 
     def splice_hook(self, use_error_term: bool = True) -> HookFn:
         """The forward hook that splices the SAE in at its site (``Model.saes`` attaches it).
@@ -284,7 +252,7 @@ class SAE(nn.Module):
         return sae_splice
 
     def _splice(self, x: Tensor, use_error_term: bool) -> Tensor:
-        points = [getattr(self, suffix) for suffix in SUFFIXES]
+        points = self._points()
         watched = [hp.active or bool(hp.bwd_fns) for hp in points]
         if use_error_term and not any(watched):
             return x  # recons + (x - recons) with nobody looking: x, exactly, at no cost
@@ -323,16 +291,7 @@ class SAE(nn.Module):
         # the same value, x, exactly, with the gradient of recons + error
         return x.detach() + (recons - recons.detach()) + (hooked_error - hooked_error.detach())
 
-    # -- features and attribution ------------------------------------------------------
-
-    def feature(self, index: int, model: ModelLike | None = None) -> Feature:
-        """Feature ``index``: ``.read`` (``W_enc[:, i]``), ``.write`` (``W_dec[i]``),
-        ``.activation(...)``, ``.logit_effect(k)``.
-
-        >>> f = sae.feature(12)
-        >>> f.activation(cache)                # [batch, pos]
-        """
-        return Feature(self, index, model)
+    # -- attribution (feature: resid.sae.dictionary) ----------------------------------
 
     def logit_attribution(
         self, cache: ActivationCache, target: int | str | tuple | Tensor, heads: bool = True

@@ -27,22 +27,20 @@ feature's activation gets its own gradient through ``W_dec``.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from resid.core import names
 from resid.core.hooks import HookFn, HookPoint
 from resid.core.layers import affine
 from resid.core.protocols import ModelLike
 from resid.sae.config import DTYPES, MAX_D_IN, MAX_D_SAE, MAX_PARAMETERS, SAEError, show
-from resid.sae.features import Feature
+from resid.sae.dictionary import SUFFIXES, DictionaryModule
 
-SUFFIXES = ("hook_input", "hook_acts_pre", "hook_acts", "hook_recons", "hook_error")
 ARCHITECTURES = ("relu", "jumprelu", "topk")
 # the sites of block L a transcoder may read (the MLP's input, before or inside ln2) and write
 READ_SITES = ("hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized")
@@ -134,7 +132,7 @@ class TranscoderConfig:
         return asdict(self)
 
 
-class Transcoder(nn.Module):
+class Transcoder(DictionaryModule):
     """A per-layer (optionally skip) transcoder: ``W_enc: [d_in, d_sae]``,
     ``b_enc: [d_sae]``, ``W_dec: [d_sae, d_out]``, ``b_dec: [d_out]``, and
     ``W_skip: [d_in, d_out]`` (``x @ W_skip``) for a skip transcoder. Weights start at zero.
@@ -143,21 +141,15 @@ class Transcoder(nn.Module):
     >>> tc(x).shape                        # [..., d_out]: decode(encode(x), x)
     """
 
+    _kind = "transcoder"
+    _called = "a transcoder's"
+
     def __init__(self, cfg: TranscoderConfig):
-        super().__init__()
         if not isinstance(cfg, TranscoderConfig):
             raise TypeError(f"Transcoder takes a TranscoderConfig, not {type(cfg).__name__}")
-        self.cfg = cfg
-        for name, shape in cfg.shapes().items():
-            setattr(self, name, nn.Parameter(torch.zeros(shape, dtype=DTYPES[cfg.dtype])))
-        for suffix in SUFFIXES:
-            setattr(self, suffix, HookPoint())
-        self._model: weakref.ref | None = None
+        super().__init__(cfg)  # parameters, hook points: resid.sae.dictionary
 
-    @property
-    def hook_name(self) -> str:
-        """The site it reads (``blocks.L.ln2.hook_normalized``, ...)."""
-        return self.cfg.hook_name
+    # -- identity (hook_name, d_sae, model, name_of: resid.sae.dictionary) -------------
 
     @property
     def hook_name_out(self) -> str:
@@ -170,25 +162,9 @@ class Transcoder(nn.Module):
         return self.cfg.layer
 
     @property
-    def d_sae(self) -> int:
-        """The number of features."""
-        return self.cfg.d_sae
-
-    @property
     def normalises(self) -> bool:
         """False: a transcoder reads its input as it is (``Feature`` asks)."""
         return False
-
-    @property
-    def model(self) -> ModelLike | None:
-        """The model it was last checked against, if it is still alive."""
-        return self._model() if self._model is not None else None
-
-    def name_of(self, suffix: str) -> str:
-        """``name_of("hook_acts")`` is ``"{hook_name}.transcoder.hook_acts"``."""
-        if suffix not in SUFFIXES:
-            raise KeyError(f"a transcoder's hook points are {', '.join(SUFFIXES)}, not {suffix!r}")
-        return f"{self.hook_name}.transcoder.{suffix}"
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -276,10 +252,6 @@ class Transcoder(nn.Module):
 
     # -- splicing ------------------------------------------------------------------------
 
-    def hook_points(self) -> dict[str, HookPoint]:
-        """Its hook points by suffix, addressed as ``f"{hook_name}.{suffix}"`` when spliced."""
-        return {f"transcoder.{s}": getattr(self, s) for s in SUFFIXES}
-
     def check_fits(self, model: ModelLike) -> None:
         """Raise :class:`SAEError` unless both its sites are in ``model`` with its widths
         (a transcoder for another model or site is named, with the fix).
@@ -301,7 +273,7 @@ class Transcoder(nn.Module):
                     f"{self!r} {what} width {width}, but '{site}' of {model!r} has width "
                     f"{got}: it was trained on another model"
                 )
-        self._model = weakref.ref(model)
+        self._checked_against(model)
 
     def splice_hook(self, use_error_term: bool = True) -> HookFn:
         """The read-site hook alone (recording the input); see :meth:`splice_hooks`."""
@@ -330,7 +302,7 @@ class Transcoder(nn.Module):
         return [(self.hook_name, transcoder_read), (self.hook_name_out, transcoder_write)]
 
     def _splice(self, x: Tensor, out: Tensor, use_error_term: bool) -> Tensor:
-        points = [getattr(self, s) for s in SUFFIXES]
+        points = self._points()
         if use_error_term and not any(hp.active for hp in points):
             return out  # recons + (out - recons) with nobody looking: out, exactly
         changed = False
@@ -354,17 +326,6 @@ class Transcoder(nn.Module):
         if changed or edited:
             return recons + error
         return out + (recons - recons.detach())  # out exactly, with the features' gradient
-
-    # -- features ------------------------------------------------------------------------
-
-    def feature(self, index: int, model: ModelLike | None = None) -> Feature:
-        """Feature ``index``: ``.read`` (``W_enc[:, i]``, in the read site's space),
-        ``.write`` (``W_dec[i]``, what it adds to the MLP's output), ``.activation(cache)``,
-        ``.logit_effect(k)``.
-
-        >>> tc.feature(3).write.shape                # [d_out]
-        """
-        return Feature(self, index, model)
 
 
 __all__ = ["ARCHITECTURES", "READ_SITES", "SUFFIXES", "Transcoder", "TranscoderConfig"]
