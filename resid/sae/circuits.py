@@ -167,6 +167,17 @@ def _clean_feature_acts(model: Model, saes: list, clean, tokens, mask) -> list[T
     return out
 
 
+def _checked_inputs(model: Model, corrupted, clean, metric, saes, attention_mask) -> tuple:
+    """What feature attribution and feature patching both start from, checked in this
+    order: (the spliced ``saes`` as a list, the corrupted tokens, their mask, the metric,
+    each SAE's clean feature activations ``[batch, pos, d_sae]``)."""
+    saes = _spliced(model, saes)
+    tokens = model.tokens(corrupted)
+    mask = model.check_mask(attention_mask, tokens.shape)
+    metric = as_metric(metric)
+    return saes, tokens, mask, metric, _clean_feature_acts(model, saes, clean, tokens, mask)
+
+
 # ---- attribution patching ----------------------------------------------------------------
 
 
@@ -192,11 +203,9 @@ def attribute_features(
     ...     est = attribute_features(model, corrupted, clean_cache, metric, [sae])
     >>> est.top(5)
     """
-    saes = _spliced(model, saes)
-    tokens = model.tokens(corrupted)
-    mask = model.check_mask(attention_mask, tokens.shape)
-    metric = as_metric(metric)
-    clean_acts = _clean_feature_acts(model, saes, clean, tokens, mask)
+    saes, tokens, mask, metric, clean_acts = _checked_inputs(
+        model, corrupted, clean, metric, saes, attention_mask
+    )
     names = [s.name_of("hook_acts") for s in saes]
     baseline, acts, grads = metric_gradients(model, tokens, mask, metric, names)
     per_sae = []
@@ -314,11 +323,9 @@ def patch_features(
 
     >>> real = patch_features(model, corrupted, clean_cache, metric, [sae], est_top_indices)
     """
-    saes = _spliced(model, saes)
-    tokens = model.tokens(corrupted)
-    mask = model.check_mask(attention_mask, tokens.shape)
-    metric = as_metric(metric)
-    clean_acts = _clean_feature_acts(model, saes, clean, tokens, mask)
+    saes, tokens, mask, metric, clean_acts = _checked_inputs(
+        model, corrupted, clean, metric, saes, attention_mask
+    )
     sizes = [s.d_sae for s in saes]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     total = int(offsets[-1])
