@@ -9,6 +9,7 @@ and scripts/train_sae.py --tokens / --text (and 2 torchrun ranks against 1)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -146,6 +147,18 @@ def test_token_dtypes_give_the_same_rows(model, data):
         ms = ModelStreams(model, tokens.to(dtype), SITE, attention_mask=mask.to(torch.uint8))
         assert torch.equal(ms.rows(torch.arange(N))[0], want[0])
         assert ms.identity() == ModelStreams(model, tokens, SITE, attention_mask=mask).identity()
+
+
+def test_a_bfloat16_model_gives_float32_rows(model, data):
+    tokens, mask = data
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ms = ModelStreams(half, tokens, SITE, attention_mask=mask)
+    (got,) = ms.rows(torch.arange(N))
+    with torch.no_grad():
+        _, cache = half.run_with_cache(tokens, names_filter=[SITE], attention_mask=mask)
+    assert cache[SITE].dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert torch.equal(got, cache[SITE][mask].float())
+    assert ms.identity() != ModelStreams(model, tokens, SITE, attention_mask=mask).identity()
 
 
 def test_left_padding_drops_the_padded_positions(model, data):
@@ -377,3 +390,16 @@ def test_two_torchrun_ranks_equal_one(model, data, saved, tmp_path):
     worst = max((getattr(one, k) - two[k]).abs().max().item() for k in two)
     print(f"max |2 ranks - 1 rank| = {worst:.3g}")
     assert worst <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_rows_come_out_where_asked(model, data):
+    tokens, mask = data
+    gpu = copy.deepcopy(model).to("cuda")
+    with torch.no_grad():
+        _, cache = gpu.run_with_cache(tokens.cuda(), names_filter=[SITE], attention_mask=mask)
+    want = cache[SITE][mask.cuda()].float()
+    (x,) = ModelStreams(gpu, tokens, SITE, attention_mask=mask).rows(torch.arange(N))
+    (y,) = ModelStreams(gpu, tokens, SITE, attention_mask=mask, device="cpu").rows(torch.arange(N))
+    assert x.device.type == "cuda" and y.device.type == "cpu"
+    assert torch.equal(x, want) and torch.equal(y, want.cpu())
