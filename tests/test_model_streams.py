@@ -394,12 +394,16 @@ def test_two_torchrun_ranks_equal_one(model, data, saved, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_rows_come_out_where_asked(model, data):
-    tokens, mask = data
+    tokens, mask = data  # one forward of all N, as the reference (GEMMs may differ by batch)
     gpu = copy.deepcopy(model).to("cuda")
     with torch.no_grad():
         _, cache = gpu.run_with_cache(tokens.cuda(), names_filter=[SITE], attention_mask=mask)
     want = cache[SITE][mask.cuda()].float()
-    (x,) = ModelStreams(gpu, tokens, SITE, attention_mask=mask).rows(torch.arange(N))
-    (y,) = ModelStreams(gpu, tokens, SITE, attention_mask=mask, device="cpu").rows(torch.arange(N))
+    (x,) = ModelStreams(gpu, tokens, SITE, attention_mask=mask, batch_sequences=N).rows(
+        torch.arange(N)
+    )
+    (y,) = ModelStreams(
+        gpu, tokens, SITE, attention_mask=mask, batch_sequences=N, device="cpu"
+    ).rows(torch.arange(N))
     assert x.device.type == "cuda" and y.device.type == "cpu"
     assert torch.equal(x, want) and torch.equal(y, want.cpu())
