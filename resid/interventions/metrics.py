@@ -164,18 +164,25 @@ def logit_diff(answer: int | Tensor, wrong: int | Tensor, pos: int | Tensor | No
     return Metric(lambda sel: (sel[..., 0] - sel[..., 1]).float().mean(), pos, tokens, "logit_diff")
 
 
+def _of_token(token: int | Tensor, pos: int | Tensor, name: str) -> Metric:
+    """The mean over prompts of ``softmax`` (``"prob"``) or ``log_softmax`` (``"log_prob"``)
+    of the logits, at ``token`` (one id, or one per prompt) at ``pos``."""
+    tok = _per_prompt(token, "token")
+    normalise = torch.softmax if name == "prob" else torch.log_softmax
+
+    def fn(sel: Float[Tensor, "batch d_vocab"]) -> Tensor:
+        t = tok.to(sel.device).expand(sel.shape[0])
+        return normalise(sel.float(), -1).gather(-1, t[:, None]).mean()
+
+    return Metric(fn, pos, None, name)
+
+
 def log_prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
     """Mean log-probability of ``token`` (one id, or one per prompt) at ``pos``.
 
     >>> m = log_prob(token=1234)
     """
-    tok = _per_prompt(token, "token")
-
-    def fn(sel: Float[Tensor, "batch d_vocab"]) -> Tensor:
-        t = tok.to(sel.device).expand(sel.shape[0])
-        return sel.float().log_softmax(-1).gather(-1, t[:, None]).mean()
-
-    return Metric(fn, pos, None, "log_prob")
+    return _of_token(token, pos, "log_prob")
 
 
 def prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
@@ -183,13 +190,7 @@ def prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
 
     >>> m = prob(token=1234)
     """
-    tok = _per_prompt(token, "token")
-
-    def fn(sel: Float[Tensor, "batch d_vocab"]) -> Tensor:
-        t = tok.to(sel.device).expand(sel.shape[0])
-        return sel.float().softmax(-1).gather(-1, t[:, None]).mean()
-
-    return Metric(fn, pos, None, "prob")
+    return _of_token(token, pos, "prob")
 
 
 def kl_to_clean(
