@@ -18,64 +18,38 @@ from make_tiny_gpt2 import save  # this folder: atomic, with the umask's permiss
 
 V = 50257  # GPT-2's vocabulary, so GPT-2's tokenizer fits
 EOT = V - 1  # <|endoftext|>: BOS and EOS
-
-
-def models() -> dict:
-    """family -> a function building the random transformers model."""
-    from transformers import (  # the dev extra
-        GPTNeoConfig,
-        GPTNeoForCausalLM,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    common = dict(vocab_size=V, bos_token_id=EOT, eos_token_id=EOT, max_position_embeddings=512)
-    return {
-        # Pythia: rotary on 25 % of each head, attention and MLP in parallel, untied unembedding
-        "pythia": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-            hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512,
-            rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False, **common)),
-        # Llama 3.2: 32 query heads sharing 8 key/value heads, SwiGLU, Llama 3 rotary scaling
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(
-            hidden_size=256, num_hidden_layers=5, num_attention_heads=32, num_key_value_heads=8,
-            intermediate_size=512, tie_word_embeddings=True,
-            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
-            **common)),
-        # GPT-Neo: global then local attention (a window of 256), unscaled scores
-        "neo": lambda: GPTNeoForCausalLM(GPTNeoConfig(
-            hidden_size=128, num_layers=2, num_heads=4, window_size=256,
-            attention_types=[[["global", "local"], 1]], **common)),
-        # Mistral: as Llama, with a sliding window
-        "mistral": lambda: MistralForCausalLM(MistralConfig(
-            hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-            intermediate_size=256, sliding_window=256, **common)),
-        # Qwen2: as Llama, with q/k/v biases
-        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(
-            hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-            intermediate_size=256, **common)),
-    }  # fmt: skip
+COMMON = dict(vocab_size=V, bos_token_id=EOT, eos_token_id=EOT, max_position_embeddings=512,
+              pad_token_id=None)  # fmt: skip
+# folder -> (family, its size: each family's layout is resid.io.references.random_hf_family's)
+SIZES = {
+    "pythia": ("pythia", dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512)),
+    # Llama 3.2: 32 query heads sharing 8 key/value heads
+    "llama": ("llama", dict(
+        hidden_size=256, num_hidden_layers=5, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=512,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    # GPT-Neo: a local window of 256
+    "neo": ("gpt_neo", dict(hidden_size=128, num_layers=2, num_heads=4, window_size=256)),
+    "mistral": ("mistral", dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=256, sliding_window=256)),
+    "qwen2": ("qwen2", dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=256)),
+}  # fmt: skip
 
 
 def write(out: str | Path, families: list[str] | None = None, std: float = 0.1, seed: int = 0):
-    """Write ``out/<family>/`` for each family (default: all) and return the folders."""
-    import torch
+    """Write ``out/<folder>/`` for each folder of SIZES (default: all) and return them."""
+    from resid.io.references import random_hf_family  # transformers: the dev extra
 
-    out, builders = Path(out), models()
+    out = Path(out)
     written = []
-    for name in families or list(builders):
-        torch.manual_seed(seed)
-        model = builders[name]().eval()
-        with torch.no_grad():  # std ``std`` everywhere, norm gains near 1: logits are O(1)
-            for pname, p in model.named_parameters():
-                gain = p.dim() == 1 and "norm" in pname and pname.endswith("weight")
-                p.normal_(1.0 if gain else 0.0, std)
+    for name in families or list(SIZES):
+        family, size = SIZES[name]
+        model = random_hf_family(family, seed=seed, std=std, **COMMON, **size)
         out.mkdir(parents=True, exist_ok=True)
         written.append(save(model, out / name))
     return written

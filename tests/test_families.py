@@ -9,54 +9,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from processes import timed_loads
 
 import resid
 from resid import CheckpointError, metrics
 from resid.interventions.patching import sweep
+from resid.io.references import random_hf_family
 
-V = 300
-COMMON = dict(
-    vocab_size=V, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1
-)
-LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-FAMILIES = {
-    "gpt_neo": lambda: GPTNeoForCausalLM(GPTNeoConfig(
-        hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        window_size=4, **COMMON)),
-    "pythia": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        rotary_pct=0.25, use_parallel_residual=True, **COMMON)),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(
-        **LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **COMMON)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(
-        **LLAMA, num_key_value_heads=1, sliding_window=5, **COMMON)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA, num_key_value_heads=2, **COMMON)),
-}  # fmt: skip
-
-
-def randomise(hf):
-    """Every parameter at std 0.1 (norm gains near 1), so logits are O(1) and every weight
-    matters in a comparison."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            gain = p.dim() == 1 and ("norm" in name or "ln" in name) and name.endswith("weight")
-            p.normal_(1.0 if gain else 0.0, 0.1)
-    return hf.eval()
+V = 300  # random_hf_family's tiny vocabulary: BOS 0, EOS 1
+FAMILIES = ["gpt_neo", "pythia", "llama", "mistral", "qwen2"]
 
 
 def save_tokenizer(folder) -> None:
@@ -72,9 +33,9 @@ def save_tokenizer(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
-    hf = randomise(FAMILIES[request.param]())
+    hf = random_hf_family(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     save_tokenizer(folder)
@@ -376,7 +337,7 @@ def test_from_hf_matches_and_leaves_the_weights_alone(family):
     from resid.io.loading import from_hf
 
     name = family[0]
-    hf = randomise(FAMILIES[name]())  # fresh: other tests wrap the shared one (the bridge)
+    hf = random_hf_family(name)  # fresh: other tests wrap the shared one (the bridge)
     weights = hf.state_dict()
     before = {k: v.clone() for k, v in weights.items()}
     model = from_hf(hf.config.to_dict(), weights, source=f"{name} in memory", device="cpu")
@@ -393,7 +354,7 @@ def test_from_hf_in_bfloat16_matches_a_bfloat16_load(family):
     from resid.io.loading import from_hf
 
     name, _, _, folder = family
-    hf = randomise(FAMILIES[name]())  # the same weights as the saved folder's
+    hf = random_hf_family(name)  # the same weights as the saved folder's
     a = from_hf(hf.config.to_dict(), hf.state_dict(), source=name, dtype=torch.bfloat16)
     b = resid.load(folder, device="cpu", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in a.parameters())
@@ -401,23 +362,6 @@ def test_from_hf_in_bfloat16_matches_a_bfloat16_load(family):
         assert torch.equal(a(TOKENS), b(TOKENS)), name
 
 
-BOMB_SCRIPT = """
-import json, resource, sys, time
-import resid
-resid.load(sys.argv[1], device="cpu")  # warm: first-call imports are not the loader's cost
-out = []
-for folder in sys.argv[2:]:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.monotonic()
-    try:
-        resid.load(folder, device="cpu")
-        error = None
-    except resid.CheckpointError as e:
-        error = str(e)
-    out.append({"folder": folder, "seconds": time.monotonic() - start, "error": error,
-                "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
-print(json.dumps(out))
-"""
 # every config number that sizes a table, a tuple or a tensor, at a value no machine holds
 BOMBS = {
     "layers 1e9": lambda n: {n: 10**9},
@@ -435,12 +379,9 @@ BOMBS = {
 def test_size_bombs_fail_fast_and_small(tmp_path):
     """A config whose numbers would size huge tables is refused with a CheckpointError in
     well under a second and without a large allocation, in every family (issue 20)."""
-    import subprocess
-    import sys
-
-    folders = [str(tmp_path / "llama")]
-    for name, make in FAMILIES.items():
-        hf = make()
+    folders = []
+    for name in FAMILIES:
+        hf = random_hf_family(name)
         base = tmp_path / name
         hf.save_pretrained(base)
         good = json.loads((base / "config.json").read_text())
@@ -450,17 +391,14 @@ def test_size_bombs_fail_fast_and_small(tmp_path):
             folder.mkdir()
             (folder / "model.safetensors").symlink_to(base / "model.safetensors")
             (folder / "config.json").write_text(json.dumps(good | change(layers_key)))
-            folders.append(str(folder))
-    done = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, *folders], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    for r in json.loads(done.stdout.strip().splitlines()[-1]):
+            folders.append(folder)
+    for r in timed_loads(folders, warm=tmp_path / "llama", timeout=300):
         # a number that sizes a tensor must meet the weights' shapes; GPT-Neo and Pythia have
         # no key/value head count and rotary families no table of positions: those may load
         sizing = ("layers", "width", "vocabulary", "mlp")
-        assert r["error"] or not any(w in r["folder"] for w in sizing), r
+        assert r["error"] or not any(w in r["path"] for w in sizing), r
         assert r["seconds"] < 1.0 and r["extra_mb"] < 100, r
-        if "layers" in r["folder"]:
+        if "layers" in r["path"]:
             assert "blocks but the weights hold 2" in r["error"], r
 
 

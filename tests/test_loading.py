@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import TINY, make_hf_gpt2
+from processes import timed_loads
 
 import resid
 from resid import CheckpointError
@@ -559,28 +560,6 @@ def test_nonfinite_weights_load_with_allow_nonfinite(tiny_dir, tmp_path):
     assert model.W_E.isnan().sum() == 1
 
 
-BOMB_SCRIPT = textwrap.dedent(
-    """
-    import json, resource, sys, time
-    import resid
-    from resid import CheckpointError
-    out = {}
-    for path in sys.argv[1:]:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        start = time.monotonic()
-        try:
-            resid.load(path, device="cpu")
-            error = None
-        except CheckpointError as e:
-            error = str(e)
-        seconds = time.monotonic() - start
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        out[path] = {"seconds": seconds, "extra_rss_mb": extra / 1024, "error": error}
-    print(json.dumps(out))
-    """
-)
-
-
 def test_n_layer_bombs_fail_fast_and_small(tiny_dir, tmp_path):
     hf_bomb = tmp_path / "hf"
     shutil.copytree(tiny_dir, hf_bomb)
@@ -588,15 +567,10 @@ def test_n_layer_bombs_fail_fast_and_small(tiny_dir, tmp_path):
     nano_bomb = tmp_path / "nano"
     shutil.copytree(tiny_dir, nano_bomb)
     nanogpt(args_change=_args(n_layer=10_000_000))(nano_bomb)
-    script = tmp_path / "bomb.py"
-    script.write_text(BOMB_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(hf_bomb), str(nano_bomb / "ckpt.pt")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    for path, r in results.items():
-        assert r["error"] and "10,000,000 blocks" in r["error"], (path, r)
-        assert r["seconds"] < 2 and r["extra_rss_mb"] < 200, (path, r)
+    results = timed_loads([hf_bomb, nano_bomb / "ckpt.pt"], timeout=120)
+    for r in results:
+        assert r["error"] and "10,000,000 blocks" in r["error"], r
+        assert r["seconds"] < 2 and r["extra_mb"] < 200, r
     print(json.dumps(results))
 
 

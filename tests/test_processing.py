@@ -12,10 +12,11 @@ import torch
 import resid
 from resid.core.layers import LNPre, RMSPre
 from resid.core.processing import process_weights
+from resid.io.references import random_hf_family
 
 transformer_lens = pytest.importorskip("transformer_lens")
 
-from test_families import FAMILIES, TOKENS, randomise, save_tokenizer  # noqa: E402
+from test_families import TOKENS, save_tokenizer  # noqa: E402
 
 WEIGHTS = ["W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_in", "W_out", "W_U", "b_U",
            "W_E", "W_pos"]  # fmt: skip
@@ -82,7 +83,7 @@ def checkpoint(request, tmp_path_factory, tiny_hf, tiny_dir, tiny):
     """(family, hf model, bridge folder, resid model) on the same random weights."""
     if request.param == "gpt2":
         return "gpt2", tiny_hf, None, tiny
-    hf = randomise(FAMILIES[request.param]())
+    hf = random_hf_family(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     save_tokenizer(folder)

@@ -10,47 +10,15 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 import resid
+from resid.io.references import random_hf_family
 from resid.sae import SAE, SAEConfig, direct_feature_attribution
 
-V = 300
-COMMON = dict(
-    vocab_size=V, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1
-)
-LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-# family -> (the Hugging Face model, whether its norm is RMSNorm: no centring, no bias)
-FAMILIES = {
-    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=V, bos_token_id=0,
-        eos_token_id=1)), False),
-    "gpt_neo": (lambda: GPTNeoForCausalLM(GPTNeoConfig(
-        hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        window_size=4, **COMMON)), False),
-    "pythia": (lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        rotary_pct=0.25, use_parallel_residual=True, **COMMON)), False),
-    "llama": (lambda: LlamaForCausalLM(LlamaConfig(
-        **LLAMA, num_key_value_heads=2, tie_word_embeddings=True, **COMMON)), True),
-    "mistral": (lambda: MistralForCausalLM(MistralConfig(
-        **LLAMA, num_key_value_heads=1, sliding_window=5, **COMMON)), True),
-    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA, num_key_value_heads=2, **COMMON)),
-              True),
-}  # fmt: skip
+V = 300  # random_hf_family's tiny vocabulary: BOS 0, EOS 1
+# family -> whether its norm is RMSNorm: no centring, no bias
+FAMILIES = {"gpt2": False, "gpt_neo": False, "pythia": False, "llama": True, "mistral": True,
+            "qwen2": True}  # fmt: skip
 SITE = "blocks.1.hook_resid_pre"
 TOKENS = torch.tensor([[0, 5, 17, 42, 8, 99, 3], [0, 250, 7, 7, 61, 2, 11]])
 A, B = 12, 40  # the logit difference attributed
@@ -70,14 +38,8 @@ def save_tokenizer(folder) -> None:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
-    make, rms = FAMILIES[request.param]
-    torch.manual_seed(0)
-    hf = make()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # norm gains near 1 (and not all equal)
-            gain = p.dim() == 1 and ("norm" in name or "ln" in name) and name.endswith("weight")
-            p.normal_(1.0 if gain else 0.0, 0.1)
-    hf.eval()
+    rms = FAMILIES[request.param]
+    hf = random_hf_family(request.param)  # norm gains near 1 (and not all equal)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     save_tokenizer(folder)
