@@ -75,7 +75,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_TOKEN_FILE = 16 << 30  # bytes of --tokens / --text read
+MAX_TOKEN_FILE = 16 << 30  # bytes of a --tokens file read
+MAX_TEXT_FILE = (
+    256 << 20
+)  # bytes of a --text file (tokenized whole: more, tokenize once to --tokens)
 
 
 @torch.no_grad()
@@ -340,7 +343,10 @@ def read_tokens(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     ``weights_only=True``) or a ``.npy`` (no pickles) regular file."""
     data = files.read_regular(path, MAX_TOKEN_FILE)
     if path.endswith(".npy"):
-        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)), None
+        try:
+            return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)), None
+        except (ValueError, OSError, EOFError, TypeError) as e:
+            raise ValueError(f"--tokens {path} is not a .npy array of token ids: {e}") from None
     if not path.endswith(".pt"):
         raise ValueError(f"--tokens {path}: a .pt or .npy file of token ids, please")
     try:
@@ -362,7 +368,7 @@ def text_tokens(model: resid.Model, path: str, context: int) -> torch.Tensor:
     ``context`` tokens (BOS first where the tokenizer adds one); the tail is dropped."""
     if not 2 <= context <= model.cfg.n_ctx:
         raise ValueError(f"--context-length must be in [2, {model.cfg.n_ctx}], not {context}")
-    text = files.read_regular(path, MAX_TOKEN_FILE).decode("utf-8", errors="replace")
+    text = files.read_regular(path, MAX_TEXT_FILE).decode("utf-8", errors="replace")
     tok = model.tokenizer
     bos = [tok.bos_token_id] if tok.add_bos_token else []
     ids = torch.tensor(tok.encode(text), dtype=torch.int64)

@@ -369,7 +369,9 @@ def test_script_trains_on_tokens_and_text(model, data, saved, tmp_path, monkeypa
     assert record["data"]["sequences"] == n and record["data"]["positions"] == 8
     bad = tmp_path / "bad.pt"
     torch.save(tokens.float(), bad)
-    for wrong in (["--tokens", str(bad)], ["--tokens", str(text)],
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"\x93NUMPY not really")
+    for wrong in (["--tokens", str(bad)], ["--tokens", str(text)], ["--tokens", str(junk)],
                   ["--tokens", str(folder / "tokens.pt"), "--text", str(text)]):  # fmt: skip
         assert run_script(["--model", str(path), *wrong, *ARGS, "--out",
                            str(tmp_path / "bad")], monkeypatch) == 1  # fmt: skip
