@@ -5,9 +5,7 @@ naming the folder) and the run resumed from the folder against the uninterrupted
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import finish_ranks, launch_ranks
 
 from resid.interventions import dataset as D
 from resid.interventions import metrics
@@ -107,40 +106,10 @@ def setup():
     torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp: Path, mode: str, world: int = 2) -> list[subprocess.Popen]:
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp), mode, str(TIMEOUT_S)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
-    return procs
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float = 90) -> list[str]:
-    errs = []
-    try:
-        for p in procs:
-            errs.append(p.communicate(timeout=timeout)[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return errs
+    return launch_ranks([sys.executable, str(script), str(tmp), mode, str(TIMEOUT_S)], world)
 
 
 def _plain(model, data, fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,7 +148,7 @@ def test_two_ranks_equal_one(setup, tmp_path):
            "attr": D.attribution_dataset(model, data, site="z", progress=False)}  # fmt: skip
     with model.saes([sae]):
         one["features"] = NS["attribute_features_dataset"](model, data, None, [sae], progress=False)
-    _finish(procs)
+    finish_ranks(procs, timeout=90)
     two = torch.load(tmp_path / "result.pt")
     worst = 0.0
     for key, r in one.items():

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from processes import free_port
 
 import resid
 import resid.harvest as H
@@ -190,12 +190,6 @@ def test_rows_mode_leaves_padding_out(tiny, tmp_path):
 # ---- two processes -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, model_dir: str, corpus: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
@@ -211,7 +205,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, corpus: str, out: 
 
 def test_two_processes_equal_one(tiny_dir, corpus, clean, tmp_path):
     out = tmp_path / "h2"
-    mp.spawn(_worker, args=(2, _free_port(), str(tiny_dir), str(corpus), str(out)), nprocs=2,
+    mp.spawn(_worker, args=(2, free_port(), str(tiny_dir), str(corpus), str(out)), nprocs=2,
              join=True)  # fmt: skip
     one, two = H.read_harvest(clean), H.read_harvest(out)
     assert two["world_size"] == 2 and two["tokens"] == one["tokens"]

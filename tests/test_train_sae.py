@@ -7,10 +7,7 @@ streams against the harvest's rows; checkpoints owned and checked."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import finish_ranks, launch_ranks
 
 import resid
 import resid.harvest as H
@@ -58,12 +56,6 @@ def harvested(tiny, tmp_path_factory) -> Path:
                      progress=False, label="tiny")  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _argv(harvest: Path, out: Path, *extra: str) -> list[str]:
     c = CFG
     return [sys.executable, str(SCRIPT), "--harvest", str(harvest), "--site", SITE,
@@ -72,35 +64,6 @@ def _argv(harvest: Path, out: Path, *extra: str) -> list[str]:
             "--streams", str(c["streams"]), "--seed", str(c["seed"]), "--warmup", str(c["warmup"]),
             "--checkpoint-every", str(c["checkpoint_every"]), "--lr", str(c["lr"]),
             "--out", str(out), "--quiet", "--dist-timeout", str(TIMEOUT_S), *extra]  # fmt: skip
-
-
-def _launch(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
-    """``world`` ranks of ``argv`` as torchrun would start them (its environment variables)."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}  # fmt: skip
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    return procs
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
-    errs = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=timeout)
-            errs.append(err)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-2000:]
-    return errs
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -120,9 +83,9 @@ def runs(harvested, tmp_path_factory) -> dict:
                    "--checkpoint-every", "20", "--quiet", "--log-checkpoints", "--dist-timeout",
                    str(SILENT_TIMEOUT_S), "--out", str(root / "silent")]  # fmt: skip
     launched = {
-        "clean": _launch(_argv(harvested, root / "clean")),
-        "killed": _launch(_argv(harvested, root / "killed", "--log-checkpoints")),
-        "silent": _launch(silent_argv),
+        "clean": launch_ranks(_argv(harvested, root / "clean")),
+        "killed": launch_ranks(_argv(harvested, root / "killed", "--log-checkpoints")),
+        "silent": launch_ranks(silent_argv),
     }
     out: dict = {"root": root}
 
@@ -141,7 +104,7 @@ def runs(harvested, tmp_path_factory) -> dict:
     try:
         for t in threads:
             t.start()
-        _finish(launched["clean"])
+        finish_ranks(launched["clean"], timeout=120)
         for t in threads:
             t.join(timeout=TIMEOUT_S + 120)
     finally:
@@ -203,7 +166,7 @@ def test_killed_rank_fails_the_other_then_resume_equals_uninterrupted(harvested,
     out, clean = runs["root"] / "killed", runs["root"] / "clean"
     step = json.loads((out / "training.json").read_text())["step"]
     assert 30 <= step < CFG["steps"]
-    _finish(_launch(_argv(harvested, out, "--resume")))
+    finish_ranks(launch_ranks(_argv(harvested, out, "--resume")), timeout=120)
     resumed, uninterrupted = _weights(out), _weights(clean)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # bit for bit
     a, b = (files.read_regular(f / "state.safetensors", 1 << 24) for f in (out, clean))
