@@ -20,7 +20,10 @@ The package, one idea per module:
 - ``circuits``: direct feature attribution, :func:`attribute_features`,
   :func:`patch_features` and :func:`feature_circuit`.
 - ``training``: training SAEs and transcoders on one process or many (torchrun,
-  DistributedDataParallel), with ``training_files``, its checkpoints (``--resume``).
+  DistributedDataParallel), with ``training_files``, its checkpoints (``--resume``);
+  its data from rows in memory (``training.TensorStreams``), a harvest
+  (``resid.harvest.streams.HarvestStreams``) or the model run as it trains
+  (``model_streams.ModelStreams``).
 
 >>> sae = resid.sae.load("path/to/sae")          # cfg.json + sae_weights.safetensors
 >>> with model.saes([sae]):
