@@ -20,7 +20,6 @@ file, checked against the SHA-256 in the manifest) before use.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,16 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from resid.core.seeds import generator
 from resid.harvest import store
 from resid.harvest.errors import HarvestError
 
 MAX_STREAMS = 1 << 16
-
-
-def generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by the integers ``key`` (the same key, the same numbers)."""
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 class HarvestStreams:

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from resid.core import hooks, names
 from resid.core.model import Model
+from resid.core.seeds import generator
 from resid.sae.sites import site_width
-from resid.sae.training import _generator
 
 MAX_STREAMS = 1 << 16
 MAX_BUFFER_NUMBERS = 1 << 31  # floats one buffer may hold (8 GiB of float32)
@@ -280,14 +280,14 @@ class ModelStreams:
         total = int(self.lengths[mine].sum())
         epoch, skip = divmod(start, total)
         while True:
-            order = mine[torch.randperm(len(mine), generator=_generator(self.seed, s, epoch))]
+            order = mine[torch.randperm(len(mine), generator=generator(self.seed, s, epoch))]
             for b, at in enumerate(range(0, len(order), self.buffer_sequences)):
                 chunk = order[at : at + self.buffer_sequences]
                 n = int(self.lengths[chunk].sum())
                 if skip >= n:
                     skip -= n
                     continue
-                perm = torch.randperm(n, generator=_generator(self.seed, s, epoch, b + 1))[skip:]
+                perm = torch.randperm(n, generator=generator(self.seed, s, epoch, b + 1))[skip:]
                 skip = 0
                 perm = perm.to(self.device)
                 yield tuple(t[perm] for t in self.rows(chunk))

@@ -39,7 +39,6 @@ position and the resumed run equals the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -55,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from resid.core.distributed import barrier, broadcast, collective_failure, gather
+from resid.core.seeds import generator
 from resid.sae import training_files as checkpoint
 from resid.sae.config import SAEConfig
 from resid.sae.module import SAE
@@ -116,13 +116,13 @@ class TensorStreams:
         mine = tuple(t[s :: self.streams] for t in self.data)
         n = len(mine[0])
         epoch, at = divmod(start * rows, n)
-        order = torch.randperm(n, generator=_generator(self.seed, s, epoch))
+        order = torch.randperm(n, generator=generator(self.seed, s, epoch))
         while True:
             take = []
             while sum(len(t) for t in take) < rows:
                 if at == n:
                     epoch, at = epoch + 1, 0
-                    order = torch.randperm(n, generator=_generator(self.seed, s, epoch))
+                    order = torch.randperm(n, generator=generator(self.seed, s, epoch))
                 want = rows - sum(len(t) for t in take)
                 take.append(order[at : at + want])
                 at += len(take[-1])
@@ -134,12 +134,6 @@ class TensorStreams:
         while True:
             got = [next(it) for it in its]
             yield tuple(torch.cat([g[i] for g in got]) for i in range(len(self.widths)))
-
-
-def _generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by the integers ``key``."""
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 @dataclass(frozen=True)
