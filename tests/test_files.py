@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from folders import hidden_leftovers, snapshot
 
 import resid
 from resid.cli import main
@@ -25,19 +26,6 @@ from resid.core import files
 from resid.viz.attention_pages import write_attention
 
 PROMPT = "The cat sat on the mat. The cat"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative path -> SHA-256), symlinks not followed."""
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
-def hidden_leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 def digest(data: bytes) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -23,19 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 import resid
 from resid import CheckpointError
 
-EXAMPLES = int(os.environ.get("RESID_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+FUZZ = fuzz_settings(HealthCheck.function_scoped_fixture)
 SECONDS = 5  # per example (a tiny model loads in a fraction of that)
 PEAK_BYTES = 300 << 20  # resident memory over the example's start
 

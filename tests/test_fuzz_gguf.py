@@ -9,13 +9,13 @@ for a long run: ``RESID_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz_gguf.py``.
 
 from __future__ import annotations
 
-import os
 import resource
 import struct
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from resid.io.errors import CheckpointError
@@ -26,15 +26,9 @@ from test_gguf import hf_llama, write_gguf  # noqa: E402
 
 from resid.io.gguf import load_gguf, read_header  # noqa: E402
 
-EXAMPLES = int(os.environ.get("RESID_FUZZ_EXAMPLES", "25"))
 SECONDS = 5.0  # per example
 MEMORY = 512 << 20  # bytes the peak RSS may grow by over a whole property
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz_settings(HealthCheck.function_scoped_fixture)
 HOSTILE = st.sampled_from([0, 1, 2, 3, 7, 31, 255, 2**16, 2**31 - 1, 2**32 - 1, 2**32,
                            2**40, 2**63 - 1, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)  # fmt: skip
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from folders import snapshot
+from fuzzing import fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 import resid.harvest as H
@@ -29,13 +30,7 @@ from resid.core import files
 from resid.harvest.corpus import CorpusError, contexts, open_corpus
 from resid.viz.dashboard import write_dashboard
 
-EXAMPLES = int(os.environ.get("RESID_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+FUZZ = fuzz_settings(HealthCheck.function_scoped_fixture)
 SITES = ["blocks.1.mlp.hook_post", "blocks.0.hook_resid_post"]
 RUN = dict(context_length=8, batch_size=2, shard_batches=2, k=3, window=(2, 1), max_tokens=120)
 OWN_ERRORS = (H.HarvestError, CorpusError, files.ForeignFilesError)
@@ -56,14 +51,6 @@ def world(tiny, tmp_path_factory):
     (victims / "victim.txt").write_bytes(b"not resid's")
     shutil.copy(clean / "stats" / f"{SITES[0]}.safetensors", victims / "stats.safetensors")
     return {"root": root, "corpus": corpus, "clean": clean, "victims": victims}
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
 
 
 def bounded(call):

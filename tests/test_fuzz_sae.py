@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzzing import EXAMPLES, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 import resid
@@ -30,15 +31,9 @@ from resid.core.files import ForeignFilesError
 from resid.sae import SAE, SAEConfig, SAEError
 
 DATA = Path(__file__).parent / "data" / "sae"
-EXAMPLES = int(os.environ.get("RESID_FUZZ_EXAMPLES", "25"))
 SECONDS = 5.0  # per example
 MEMORY = 512 << 20  # bytes the peak RSS may grow by over a whole property
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(HealthCheck.data_too_large)
 VALID = json.loads((DATA / "jumprelu" / "cfg.json").read_text())
 
 json_scalars = (
@@ -137,21 +132,27 @@ def load_outcome(folder: Path, bounded: Bounded) -> str:
     return "ok"
 
 
-@FUZZ
-@given(text=cfg_texts())
-def test_malformed_cfg_json_is_an_sae_error_or_loads(text):
+def load_with_file_replaced(name: str, data: bytes) -> str:
+    """Load a copy of the JumpReLU fixture whose file ``name`` holds ``data``, a victim
+    file beside it: in time and memory, and no file changed, moved or deleted."""
     bounded = Bounded()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = root / "sae"
         shutil.copytree(DATA / "jumprelu", folder)
-        (folder / "cfg.json").write_bytes(
-            text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-        )
+        (folder / name).write_bytes(data)
         (root / "victim.txt").write_text("not resid's")
         before = snapshot(root)
-        load_outcome(folder, bounded)
+        outcome = load_outcome(folder, bounded)
         assert snapshot(root) == before  # reading wrote, moved or deleted nothing
+    return outcome
+
+
+@FUZZ
+@given(text=cfg_texts())
+def test_malformed_cfg_json_is_an_sae_error_or_loads(text):
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    load_with_file_replaced("cfg.json", data)
 
 
 header_values = st.fixed_dictionaries(
@@ -197,16 +198,7 @@ def weight_files(draw) -> bytes:
 @FUZZ
 @given(data=weight_files())
 def test_malformed_weights_are_an_sae_error_or_load(data):
-    bounded = Bounded()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        folder = root / "sae"
-        shutil.copytree(DATA / "jumprelu", folder)
-        (folder / "sae_weights.safetensors").write_bytes(data)
-        (root / "victim.txt").write_text("not resid's")
-        before = snapshot(root)
-        load_outcome(folder, bounded)
-        assert snapshot(root) == before
+    load_with_file_replaced("sae_weights.safetensors", data)
 
 
 entry_names = st.sampled_from(
@@ -282,7 +274,7 @@ def test_saving_over_any_folder_deletes_nothing_it_did_not_write(existing):
 
 
 def test_the_fuzz_budget_comes_from_the_environment():
-    assert EXAMPLES == int(os.environ.get("RESID_FUZZ_EXAMPLES", "25")) >= 1
+    assert FUZZ.max_examples == EXAMPLES == int(os.environ.get("RESID_FUZZ_EXAMPLES", "25")) >= 1
 
 
 @pytest.mark.parametrize("depth", [10_000, 1_000_000])

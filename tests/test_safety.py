@@ -3,7 +3,6 @@ files, outputs that must not be deleted, and runs interrupted by signals."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from folders import hidden_leftovers, snapshot
 
 import resid
 from resid.core import files
@@ -25,19 +25,6 @@ from resid.viz.plots import parse_indices
 
 PROMPT = "The cat sat on the mat. The cat"
 TOKENS = torch.tensor([[50256, 464, 3797, 3332, 319, 262, 2603, 13]])
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative path -> SHA-256), symlinks not followed."""
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
-def hidden_leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 def run_cli(*argv, env=None, timeout=120, cwd=None) -> subprocess.CompletedProcess:
