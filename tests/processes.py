@@ -1,5 +1,6 @@
-"""Child processes the tests start: ranks launched as torchrun launches them, and
-``resid.load`` timed and measured in a fresh interpreter."""
+"""Child processes the tests start: ranks launched as torchrun launches them,
+``resid.load`` timed and measured in a fresh interpreter, and saves killed at random
+moments."""
 
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ for path in paths:
                 "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
 print(json.dumps(out))
 """  # fmt: skip
+
+
+KILL_TRIALS = """
+import json, os, random, signal, time
+
+def kill_trials(save, which, seconds, trials):
+    # SIGKILL a forked save of the other version ("a" <-> "b") after a random delay of up to
+    # 1.3 x ``seconds``, ``trials`` times; each: the version before, the one saved, the one found
+    rng = random.Random(1234)
+    results = []
+    for i in range(trials):
+        old = which()
+        new = "b" if old == "a" else "a"
+        delay = rng.uniform(0, 1.3 * seconds)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                save(new)
+            finally:
+                os._exit(0)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        results.append({"delay": delay, "old": old, "new": new, "found": which()})
+    return results
+"""
 
 
 def free_port() -> int:
@@ -75,5 +102,15 @@ def timed_loads(paths: list, warm=None, timeout: float = 120) -> list[dict]:
     args = [json.dumps([str(p) for p in paths]), json.dumps(warm and str(warm))]
     done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, *args], capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def kill_trials_report(script: str, *args, env=None, timeout: float = 300) -> dict:
+    """Run ``script`` in a fresh interpreter with ``kill_trials(save, which, seconds,
+    trials)`` defined (``KILL_TRIALS``) and ``args`` as its ``sys.argv[1:]``: the JSON report
+    it prints last."""
+    done = subprocess.run([sys.executable, "-c", KILL_TRIALS + script, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

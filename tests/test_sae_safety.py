@@ -9,8 +9,6 @@ import contextvars
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import kill_trials_report
 from safetensors.torch import save_file
 
 import resid
@@ -90,7 +89,7 @@ def test_saved_files_get_the_umask_permissions(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent(
     """
-    import json, os, random, signal, sys, time
+    import json, sys, time
     import torch
     import resid
     from resid.sae import SAE, SAEConfig
@@ -127,22 +126,7 @@ KILL_SCRIPT = textwrap.dedent(
         resid.sae.save(saes[name], folder)
         times.append(time.monotonic() - start)
     seconds = sorted(times[1:])[1]
-    rng = random.Random(1234)
-    results = []
-    for i in range(trials):
-        old = which()
-        new = "b" if old == "a" else "a"
-        delay = rng.uniform(0, 1.3 * seconds)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                resid.sae.save(saes[new], folder)
-            finally:
-                os._exit(0)
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        results.append({"delay": delay, "old": old, "new": new, "found": which()})
+    results = kill_trials(lambda name: resid.sae.save(saes[name], folder), which, seconds, trials)
     print(json.dumps({"save_seconds": seconds, "results": results}))
     """
 )
@@ -151,13 +135,8 @@ KILL_SCRIPT = textwrap.dedent(
 def test_save_killed_at_random_moments_leaves_old_or_new(tmp_path):
     """SIGKILL at random instants of resid.sae.save (the safetensors write, the manifest,
     the swap), then load: the previous SAE or the new one, every time."""
-    script = tmp_path / "kill_sae_saves.py"
-    script.write_text(KILL_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "sae"), "20"],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = kill_trials_report(KILL_SCRIPT, tmp_path / "sae", 20, env=env)
     results = report["results"]
     assert len(results) == 20
     bad = [r for r in results if r["old"] not in "ab" or r["found"] not in (r["old"], r["new"])]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from folders import hidden_leftovers, snapshot
+from processes import kill_trials_report
 
 import resid
 from resid.core import files
@@ -129,7 +130,7 @@ def test_save_writes_no_gpt2_ids_into_other_vocabularies(tiny, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent(
     """
-    import json, os, random, signal, sys, time
+    import json, os, sys, time
     import torch
     torch.set_num_threads(1)  # fork-safe: no OpenMP pool in the children
     import resid
@@ -170,31 +171,15 @@ KILL_SCRIPT = textwrap.dedent(
     start = time.monotonic()  # how long a save takes in a forked child, start to exit
     os.waitpid(forked_save(b), 0)
     seconds = time.monotonic() - start
-    rng = random.Random(1234)
-    results = []
-    for i in range(trials):
-        old = which()
-        new = "b" if old == "a" else "a"
-        delay = rng.uniform(0, 1.3 * seconds)
-        pid = forked_save(b if new == "b" else a)
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        now = which()
-        results.append({"delay": delay, "old": old, "new": new, "found": now})
+    models = {"a": a, "b": b}
+    results = kill_trials(lambda name: resid.save(models[name], folder), which, seconds, trials)
     print(json.dumps({"save_seconds": seconds, "results": results}))
     """
 )
 
 
 def test_save_killed_at_random_moments_leaves_old_or_new(tiny_dir, tmp_path):
-    script = tmp_path / "kill_saves.py"
-    script.write_text(KILL_SCRIPT)
-    folder = tmp_path / "ckpt"
-    done = subprocess.run([sys.executable, str(script), str(tiny_dir), str(folder), "20"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = kill_trials_report(KILL_SCRIPT, tiny_dir, tmp_path / "ckpt", 20)
     results = report["results"]
     assert len(results) == 20
     bad = [r for r in results if r["found"] not in (r["old"], r["new"])]
