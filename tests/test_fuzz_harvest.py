@@ -148,8 +148,8 @@ def test_fuzzed_harvest_manifests(tiny, world, tmp_path_factory, data):
     for path, op, value in edits:
         try:
             manifest = apply(manifest, path, op, value)
-        except (KeyError, IndexError, TypeError):
-            pass  # an earlier edit removed what this one names
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass  # an earlier edit removed what this one names, or replaced it by a scalar
     if (
         listed is not None
         and isinstance(manifest, dict)
