@@ -7,6 +7,8 @@ resid attention MODEL_OR_PATH --prompts-file prompts.txt [--out DIR]
 resid harvest MODEL_OR_PATH CORPUS --out DIR --sites blocks.5.mlp.hook_post [--activations] [--resume]
 resid dashboard HARVEST_DIR --out DIR [--sites ...] [--units 0-99]
 resid graph MODEL_OR_PATH "prompt" --transcoders DIR --out DIR [--harvest DIR] [--supernodes FILE]
+resid train-sae (--harvest DIR | --model M --tokens FILE | --model M --text FILE) --site HOOK --out DIR
+    [--site-out HOOK] [--arch topk] [--resume]   (torchrun ... -m resid.cli train-sae ...: DDP)
 """
 
 from __future__ import annotations
@@ -201,6 +203,34 @@ def _graph(args) -> int:
     return 0
 
 
+def _train_sae_options(p: argparse.ArgumentParser) -> None:
+    from resid.cli_train import add_arguments
+
+    add_arguments(p)
+
+
+def _train_sae(args) -> int:
+    from resid.cli_train import run
+
+    return run(args, "resid train-sae")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser. ``options(parser)``, given for a command whose options are
+    defined in a module that loads torch (``train-sae``'s, in ``resid.cli_train``), adds
+    them when that command is parsed, so that ``resid --help`` still loads no torch."""
+
+    def __init__(self, *args, options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._options = options
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._options is not None:
+            options, self._options = self._options, None
+            options(self)
+        return super().parse_known_args(args, namespace)
+
+
 class _Version(argparse.Action):
     """``--version``: the installed distribution's version, read only when asked for."""
 
@@ -223,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="resid", description="GPT-2 interpretability from the command line"
     )
     parser.add_argument("--version", action=_Version, help="print resid's version and exit")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -329,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-feature-nodes", type=int, help="keep the most influential features")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning (0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning (0.98)")
+
+    about = "an SAE or a transcoder trained on a harvest or on the fly (torchrun-aware, resumable)"
+    p = sub.add_parser("train-sae", help=about, options=_train_sae_options,
+                       description=f"{about}. Many processes: torchrun --nproc-per-node N "
+                                   "-m resid.cli train-sae ...")  # fmt: skip
+    p.set_defaults(run=_train_sae)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -27,8 +27,10 @@ explained variance of the MLP's output and mean L0.
 Runs in a couple of minutes on one CPU core for the committed toy model (notebooks/toy-induction).
 
 ``--harvest`` trains on a harvest's stored activations (``resid harvest --activations``)
-through ``resid.sae.training``: a standard, top-k or JumpReLU SAE at ``--site``, or a
-transcoder from ``--site`` to ``--site-out`` (``--skip``), under torchrun with
+through ``resid.sae.training``, exactly as ``resid train-sae`` does (the options and the
+run are ``resid.cli_train``'s; only the defaults of ``--model``, ``--site``, ``--out`` and
+``--arch`` are this script's toy ones): a standard, top-k or JumpReLU SAE at ``--site``, or
+a transcoder from ``--site`` to ``--site-out`` (``--skip``), under torchrun with
 DistributedDataParallel (gloo on CPU, NCCL on GPU). The global batch is ``--batch-size``
 rows drawn from ``--streams`` streams of shards, so 2 ranks and 1 rank train the same
 weights; rank 0 checkpoints to ``--out``, and ``--resume`` continues after a kill::
@@ -51,34 +53,23 @@ activations computed on the fly (``resid.sae.model_streams.ModelStreams``): ever
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 import resid
-from resid.core import files
-from resid.core.distributed import DistributedError, init_distributed
-from resid.harvest.errors import HarvestError
-from resid.harvest.streams import HarvestStreams
+from resid.cli_train import add_arguments, has_source, run
 from resid.sae import SAE, SAEConfig, Transcoder, TranscoderConfig, save_transcoders
-from resid.sae.model_streams import ModelStreams
-from resid.sae.training import TensorStreams, TrainConfig, TrainingError
-from resid.sae.training import train as train_distributed
+from resid.sae.training import ARCHITECTURES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_toy import batch_with_repeats  # noqa: E402 - the toy's training distribution
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_TOKEN_FILE = 16 << 30  # bytes of a --tokens file read
-MAX_TEXT_FILE = (
-    256 << 20
-)  # bytes of a --text file (tokenized whole: more, tokenize once to --tokens)
+TOY_DEFAULTS = {"model": str(ROOT / "notebooks" / "toy-induction"),
+                "site": "blocks.1.hook_resid_pre", "out": str(ROOT / "runs" / "sae"), "arch": None}  # fmt: skip
 
 
 @torch.no_grad()
@@ -241,190 +232,20 @@ def train_transcoder(
 
 
 def add_distributed(p: argparse.ArgumentParser) -> None:
-    """The options of training on a harvest, on the fly (--tokens, --text) or on synthetic
-    rows, under torchrun."""
-    d = p.add_argument_group("training on a harvest, on one process or many (torchrun)")
-    d.add_argument(
-        "--harvest", help="a harvest folder with activations (resid harvest --activations)"
-    )
-    d.add_argument(
-        "--synthetic", metavar="ROWS,WIDTH", help="seeded random rows instead (benchmarks)"
-    )
-    d.add_argument("--tokens", metavar="FILE",
-                   help="on the fly: token ids [n_sequences, pos] (.pt or .npy) run through "
-                        "--model as it trains")  # fmt: skip
-    d.add_argument(
-        "--text", metavar="FILE", help="on the fly: a text file, tokenized with --model's tokenizer"
-    )
-    d.add_argument("--context-length", type=int, default=128,
-                   help="--text: tokens per sequence (BOS first where the tokenizer adds one)")  # fmt: skip
-    d.add_argument(
-        "--batch-sequences", type=int, default=8, help="on the fly: sequences per forward"
-    )
-    d.add_argument("--buffer-sequences", type=int, default=64,
-                   help="on the fly: sequences whose rows are shuffled together")  # fmt: skip
-    d.add_argument("--mean-sequences", type=int, default=256,
-                   help="on the fly: sequences the decoder bias's starting mean is taken over")  # fmt: skip
-    d.add_argument("--site-out", help="train a transcoder from --site to this site (hook_mlp_out)")
-    d.add_argument("--batch-size", type=int, default=1024, help="rows per step over all ranks")
-    d.add_argument("--streams", type=int, default=None,
-                   help="data streams (default: the number of ranks); the same streams give the "
-                        "same weights on any number of ranks that divides them")  # fmt: skip
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--warmup", type=int, default=100)
-    d.add_argument("--bandwidth", type=float, default=1e-3, help="JumpReLU's STE kernel width")
-    d.add_argument("--init-threshold", type=float, default=1e-3, help="JumpReLU's first threshold")
-    d.add_argument("--checkpoint-every", type=int, default=500)
-    d.add_argument("--log-every", type=int, default=10)
-    d.add_argument("--dead-after", type=int, default=1000, help="steps without firing: dead")
-    d.add_argument("--buffer-shards", type=int, default=4, help="shards shuffled together")
-    d.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    d.add_argument("--device", default=None, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
-    d.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="seconds before a missing rank fails the run (rendezvous, collectives)")  # fmt: skip
-    d.add_argument("--threads", type=int, default=None, help="torch threads per rank")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.add_argument("--log-checkpoints", action="store_true",
-                   help="a line on stderr per checkpoint (rank 0)")  # fmt: skip
-
-
-def distributed(args: argparse.Namespace) -> int:
-    """Train on a harvest (or synthetic rows) as this rank of torchrun's process group."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    created = not (dist.is_available() and dist.is_initialized())
-    rank, world, device = init_distributed(args.device, args.dist_timeout)
-    try:
-        streams = args.streams or world
-        cfg = TrainConfig(
-            architecture=args.arch or "topk", d_sae=args.d_sae, k=args.k, l1=args.l1, lr=args.lr,
-            steps=args.steps, batch_size=args.batch_size, streams=streams, seed=args.seed,
-            warmup=args.warmup, bandwidth=args.bandwidth, init_threshold=args.init_threshold,
-            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            dead_after=args.dead_after,
-        )  # fmt: skip
-        if args.synthetic:
-            rows, width = (int(v) for v in args.synthetic.split(","))
-            if not (0 < rows <= 1 << 26 and 0 < width <= 1 << 14 and rows * width <= 1 << 30):
-                raise ValueError(f"--synthetic {args.synthetic}: at most 2^30 numbers, please")
-            g = torch.Generator().manual_seed(args.seed)
-            data = TensorStreams(torch.randn(rows, width, generator=g), streams, args.seed)
-        elif args.tokens or args.text:
-            data = on_the_fly(args, streams, device)
-        else:
-            sites = [args.site] + ([args.site_out] if args.site_out else [])
-            data = HarvestStreams(args.harvest, sites, streams, seed=args.seed,
-                                  buffer_shards=args.buffer_shards)  # fmt: skip
-
-        def log(line: str) -> None:
-            print(f"train_sae: {line}", file=sys.stderr, flush=True)
-
-        dictionary = train_distributed(
-            data, cfg, args.out, args.site, args.site_out, args.skip, resume=args.resume,
-            rank=rank, world=world, device=device, progress=not args.quiet,
-            log=log if args.log_checkpoints else None,
-        )  # fmt: skip
-        if rank == 0:
-            print(f"trained {dictionary!r} for {cfg.steps} steps on {world} rank(s) -> {args.out}")
-    except TrainingError:
-        raise  # the process group may be broken: not destroyed (main exits at once)
-    except BaseException:
-        if created and world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    if created and world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-def read_tokens(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token ids ``[n_sequences, pos]`` (and an attention mask, if the file holds one) from
-    a ``.pt`` (a tensor, or ``{"tokens", "attention_mask"}``, loaded with
-    ``weights_only=True``) or a ``.npy`` (no pickles) regular file."""
-    data = files.read_regular(path, MAX_TOKEN_FILE)
-    if path.endswith(".npy"):
-        try:
-            return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)), None
-        except (ValueError, OSError, EOFError, TypeError) as e:
-            raise ValueError(f"--tokens {path} is not a .npy array of token ids: {e}") from None
-    if not path.endswith(".pt"):
-        raise ValueError(f"--tokens {path}: a .pt or .npy file of token ids, please")
-    try:
-        got = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:  # a corrupt or foreign file: many types
-        raise ValueError(f"--tokens {path} is not a torch file of token ids: {e}") from None
-    if isinstance(got, dict) and set(got) <= {"tokens", "attention_mask"} and "tokens" in got:
-        return got["tokens"], got.get("attention_mask")
-    if not isinstance(got, torch.Tensor):
-        raise ValueError(
-            f"--tokens {path} holds a {type(got).__name__}: save a tensor of token ids or "
-            '{"tokens": ..., "attention_mask": ...}'
-        )
-    return got, None
-
-
-def text_tokens(model: resid.Model, path: str, context: int) -> torch.Tensor:
-    """``path``'s text tokenized with ``model``'s tokenizer and cut into sequences of
-    ``context`` tokens (BOS first where the tokenizer adds one); the tail is dropped."""
-    if not 2 <= context <= model.cfg.n_ctx:
-        raise ValueError(f"--context-length must be in [2, {model.cfg.n_ctx}], not {context}")
-    text = files.read_regular(path, MAX_TEXT_FILE).decode("utf-8", errors="replace")
-    tok = model.tokenizer
-    bos = [tok.bos_token_id] if tok.add_bos_token else []
-    ids = torch.tensor(tok.encode(text), dtype=torch.int64)
-    per = context - len(bos)
-    n = len(ids) // per
-    if n == 0:
-        raise ValueError(f"--text {path} has {len(ids)} tokens, less than one sequence of {per}")
-    rows = ids[: n * per].view(n, per)
-    return torch.cat([torch.tensor(bos, dtype=torch.int64).expand(n, len(bos)), rows], 1)
-
-
-def on_the_fly(args: argparse.Namespace, streams: int, device: torch.device) -> ModelStreams:
-    """The model at --model on --tokens or --text, its activations computed as it trains."""
-    if args.tokens and args.text:
-        raise ValueError("--tokens or --text, not both")
-    model = resid.load(args.model, device=device)
-    if args.tokens:
-        tokens, mask = read_tokens(args.tokens)
-    else:
-        tokens, mask = text_tokens(model, args.text, args.context_length), None
-    sites = [args.site] + ([args.site_out] if args.site_out else [])
-    return ModelStreams(
-        model, tokens, sites, streams, args.seed, attention_mask=mask,
-        batch_sequences=args.batch_sequences, buffer_sequences=args.buffer_sequences,
-        mean_sequences=args.mean_sequences, device=device,
-    )  # fmt: skip
+    """Every option of training on a harvest, on the fly (--tokens, --text) or on synthetic
+    rows, under torchrun: ``resid train-sae``'s (``resid.cli_train.add_arguments``)."""
+    add_arguments(p)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "notebooks" / "toy-induction"))
-    p.add_argument("--site", default="blocks.1.hook_resid_pre")
-    p.add_argument("--arch", choices=["standard", "topk", "jumprelu", "both"], default=None,
-                   help="the toy model: both by default; --harvest: topk by default")  # fmt: skip
-    p.add_argument("--d-sae", type=int, default=512)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--l1", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--out", default=str(ROOT / "runs" / "sae"))
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, defaults=TOY_DEFAULTS, architectures=(*ARCHITECTURES, "both"),
+                  arch_help="the toy model: both by default; --harvest: topk by default")  # fmt: skip
     p.add_argument("--transcoders", action="store_true",
-                   help="train a transcoder per layer (MLP input -> output) instead")  # fmt: skip
-    p.add_argument("--skip", action="store_true", help="transcoders with a linear skip term")
-    add_distributed(p)
+                   help="the toy model: a transcoder per layer (MLP input -> output) instead")  # fmt: skip
     args = p.parse_args()
-    if args.harvest or args.synthetic or args.tokens or args.text:
-        try:
-            sys.exit(distributed(args))
-        except (TrainingError, DistributedError, HarvestError, ValueError, TypeError, OSError) as e:
-            rank = os.environ.get("RANK", "0")
-            print(f"train_sae.py (rank {rank}): error: {e}", file=sys.stderr, flush=True)
-            if isinstance(e, TrainingError) and dist.is_initialized():
-                # a broken process group aborts in its destructors at exit: leave at once
-                sys.stdout.flush()
-                os._exit(1)
-            sys.exit(1)
+    if has_source(args):  # resid train-sae's run: a harvest, on the fly or synthetic rows
+        sys.exit(run(args, "train_sae.py"))
     args.arch = args.arch or "both"
     if args.arch == "jumprelu":
         sys.exit("train_sae.py: JumpReLU SAEs train on a harvest (--harvest) or --synthetic rows")

@@ -27,6 +27,7 @@ LAYERS = {
     "graphs": 3.5,  # attribution graphs: on core, analysis, interventions and sae
     "io": 4,
     "viz": 4,
+    "cli_train": 4.5,  # resid train-sae's options and run, under the command line that runs it
     "cli": 5,
     "__main__": 6,  # `python -m resid`: runs the command line
 }
