@@ -142,6 +142,27 @@ def test_splice_with_error_term_leaves_logits_unchanged(tiny, tokens, arch):
     assert no_sae_left(tiny, names)
 
 
+@pytest.mark.parametrize(
+    "site",
+    ["blocks.0.ln1.hook_normalized", "blocks.1.ln2.hook_normalized", "ln_final.hook_normalized"],
+)
+def test_observed_splice_at_a_norm_output_leaves_logits_unchanged(tiny, tokens, site):
+    """Caching a spliced SAE's own sites at a norm's output, with autograd off and on: the
+    logits are the model's, bit for bit (the splice hands back the values it saw, and the
+    norm's output for them is its kernel's), and the gradient still reaches the SAE."""
+    sae = random_sae("standard", site=site)
+    with torch.no_grad():
+        ref = tiny(tokens)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), tiny.saes([sae]):
+            logits, cache = tiny.run_with_cache(tokens)
+        assert torch.equal(logits, ref), grad
+    assert cache[f"{site}.sae.hook_acts"].shape == (*tokens.shape, 256)
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    assert no_sae_left(tiny, list(tiny.hook_dict))
+
+
 def hand_standard_recons(sae, x):
     """ReLU((x - b_dec) W_enc + b_enc) W_dec + b_dec, written out."""
     acts = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)

@@ -133,6 +133,10 @@ class _Norm(nn.Module):
             if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
                 return through(out, self.gain(normalized_seen))
             return out  # only observed
+        if not scale_changed and torch.equal(normalized_seen, normalized):
+            # a hook gave back the very values it saw (an SAE spliced with its error term):
+            # the model's output for them is the kernel's; the gradient goes the hook's way
+            return through(out, self.gain(normalized_seen))
         return self.gain(normalized_seen)
 
     def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
