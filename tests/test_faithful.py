@@ -70,8 +70,9 @@ def wide_tokens():
 def reference_forward(hf, tokens, edit=lambda name, act: act):
     """GPT-2 by hand, in fp32, from ``hf``'s state dict. ``edit(hook_name, act)`` returns the
     activation to use at the named site (TransformerLens' names and layouts):
-    ``…hook_scale`` [b, p, 1], ``…attn.hook_q/k/v/z`` [b, p, h, e], ``…attn.hook_pattern``
-    [b, h, q, k]."""
+    ``…hook_scale`` [b, p, 1], ``…hook_normalized`` [b, p, d], ``…attn.hook_q/k/v/z``
+    [b, p, h, e], ``…attn.hook_attn_scores`` and ``…attn.hook_pattern`` [b, h, q, k]
+    (scores masked with -inf), ``…attn.hook_result`` [b, p, h, d]."""
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
     cfg = hf.config
     H, d = cfg.n_head, cfg.n_embd
@@ -81,7 +82,8 @@ def reference_forward(hf, tokens, edit=lambda name, act: act):
         centred = x - x.mean(-1, keepdim=True)
         scale = (centred.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_epsilon).sqrt()
         scale = edit(f"{name}.hook_scale", scale)
-        return centred / scale * sd[f"{prefix}.weight"] + sd[f"{prefix}.bias"]
+        normalized = edit(f"{name}.hook_normalized", centred / scale)
+        return normalized * sd[f"{prefix}.weight"] + sd[f"{prefix}.bias"]
 
     x = sd["transformer.wte.weight"][tokens] + sd["transformer.wpe.weight"][:T]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -92,10 +94,12 @@ def reference_forward(hf, tokens, edit=lambda name, act: act):
         q, k, v = (t.reshape(b, T, H, e) for t in qkv.split(d, -1))
         q, k, v = (edit(f"{blk}.attn.hook_{n}", t) for n, t in zip("qkv", (q, k, v), strict=True))
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / e**0.5
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        pattern = edit(f"{blk}.attn.hook_pattern", pattern)
+        scores = edit(f"{blk}.attn.hook_attn_scores", scores.masked_fill(~causal, float("-inf")))
+        pattern = edit(f"{blk}.attn.hook_pattern", scores.softmax(-1))
         z = edit(f"{blk}.attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-        x = x + z.reshape(b, T, d) @ sd[f"{p}.attn.c_proj.weight"] + sd[f"{p}.attn.c_proj.bias"]
+        W_O = sd[f"{p}.attn.c_proj.weight"].view(H, e, d)
+        result = edit(f"{blk}.attn.hook_result", torch.einsum("bqhe,hed->bqhd", z, W_O))
+        x = x + result.sum(2) + sd[f"{p}.attn.c_proj.bias"]
         h = ln(x, f"{p}.ln_2", f"{blk}.ln2")
         pre = h @ sd[f"{p}.mlp.c_fc.weight"] + sd[f"{p}.mlp.c_fc.bias"]
         post = F.gelu(pre, approximate="tanh")
@@ -273,6 +277,64 @@ def test_pattern_and_scale_edits_match_a_hand_written_forward(
         ours = tiny.run_with_hooks(tokens, fwd_hooks=[(name, hook_pattern)])
         torch.testing.assert_close(ours[:, :9], plain[:, :9], atol=1e-5, rtol=0)
     assert attached(tiny) == []
+
+
+BESIDE = [  # sites computed beside a fused kernel (the output is rebuilt when one changes)
+    "blocks.1.ln1.hook_scale",
+    "blocks.1.ln2.hook_normalized",
+    "blocks.1.attn.hook_attn_scores",
+    "blocks.1.attn.hook_pattern",
+    "blocks.1.attn.hook_result",
+    "ln_final.hook_normalized",
+]
+
+
+@pytest.mark.parametrize("site", BESIDE)
+@pytest.mark.parametrize(
+    "in_place, grad",
+    [(True, False), (True, True), (False, True)],
+    ids=["in_place", "in_place-grad", "returned-grad"],
+)
+def test_edits_beside_fused_kernels_match_a_hand_written_forward(
+    tiny, tiny_hf, tokens, site, in_place, grad
+):
+    """An edit at a site the fused kernels never build (it is computed beside them) takes
+    effect as in a plain forward with the same edit, returned or written in place."""
+
+    def scale_up(act, hook):
+        if not in_place:
+            return act * 1.5
+        act.mul_(1.5)
+
+    ref = reference_forward(tiny_hf, tokens, lambda s, a: a * 1.5 if s == site else a)
+    with torch.set_grad_enabled(grad):
+        ours = tiny.run_with_hooks(tokens, fwd_hooks=[(site, scale_up)])
+        plain = tiny(tokens)
+    assert (ref - plain).abs().max() > 0.01  # the edit matters
+    torch.testing.assert_close(ours, ref.to(ours), atol=1e-4, rtol=0)
+
+
+LLAMA_SHAPE = resid.Config(n_layers=2, n_heads=4, d_model=64, d_head=16, d_mlp=128, d_vocab=100,
+                           n_ctx=32, normalization="RMS", positional="rotary", n_kv_heads=2,
+                           gated_mlp=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+def test_handing_back_the_same_values_changes_nothing(tiny, tokens, shape, grad):
+    """At every site, a hook that returns a copy of what it saw (as an SAE spliced with its
+    error term does, or patching a run into itself) leaves the logits bit-identical to the
+    model's, the sites computed beside fused kernels included."""
+    torch.manual_seed(0)
+    model = tiny if shape == "gpt2" else resid.Model(LLAMA_SHAPE)
+    t = tokens if shape == "gpt2" else tokens % LLAMA_SHAPE.d_vocab
+    with torch.no_grad():
+        ref = model(t)
+    with torch.set_grad_enabled(grad):
+        for site in model.hook_dict:
+            out = model.run_with_hooks(t, fwd_hooks=[(site, lambda act, hook: act.clone())])
+            assert torch.equal(out, ref), site
+    assert attached(model) == []
 
 
 @pytest.mark.parametrize("site", ["q", "k", "v", "z"])

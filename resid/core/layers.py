@@ -68,6 +68,15 @@ def through(value: Tensor, path: Tensor) -> Tensor:
     return value.detach() + (path - path.detach())
 
 
+def kept(changed: bool, seen: Tensor, original: Tensor) -> bool:
+    """True when a hook left an activation's values as they were: untouched, or replaced by
+    a tensor equal to it bit for bit (an SAE spliced with its error term, a run patched into
+    itself). The layer's output is then its fused kernel's, so that writing the same values
+    changes nothing. An activation edited in place is the original itself, so it never
+    counts as kept."""
+    return not changed or (seen is not original and torch.equal(seen, original))
+
+
 @dataclass(frozen=True)
 class Mask:
     """Which keys the queries of one forward may attend to, and the queries' positions.
@@ -126,16 +135,17 @@ class _Norm(nn.Module):
         if not (self.hook_scale.active or self.hook_normalized.active):
             return out
         centred = self.centre(x.float())
-        scale_seen, scale_changed = self.hook_scale.see(self._scale_of(centred))
+        scale = self._scale_of(centred)
+        scale_seen, scale_changed = self.hook_scale.see(scale)
         normalized = (centred / scale_seen).to(x.dtype)
         normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
         if not (scale_changed or normalized_changed):
             if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
                 return through(out, self.gain(normalized_seen))
             return out  # only observed
-        if not scale_changed and torch.equal(normalized_seen, normalized):
-            # a hook gave back the very values it saw (an SAE spliced with its error term):
-            # the model's output for them is the kernel's; the gradient goes the hook's way
+        if kept(scale_changed, scale_seen, scale) and kept(
+            normalized_changed, normalized_seen, normalized
+        ):  # the same values handed back: the kernel's output, the gradient the hooks' way
             return through(out, self.gain(normalized_seen))
         return self.gain(normalized_seen)
 
@@ -338,9 +348,9 @@ class Attention(nn.Module):
         if self.hook_result.active:
             result = einsum(z, self.W_O, "b p h e, h e d -> b p h d")
             seen, changed = self.hook_result.see(result)
-            if changed:
+            if not kept(changed, seen, result):
                 return seen.sum(2) + self.b_O
-            if self.hook_result.grad_wanted:
+            if changed or self.hook_result.grad_wanted:
                 return through(out, seen.sum(2) + self.b_O)
         return out
 
@@ -369,6 +379,10 @@ class Attention(nn.Module):
             if self.hook_attn_scores.grad_wanted or self.hook_pattern.grad_wanted:
                 return through(z, (pattern_seen @ vh.float()).to(vh.dtype))
             return z  # only observed
+        if kept(scores_changed, scores_seen, scores) and kept(
+            pattern_changed, pattern_seen, pattern
+        ):
+            return through(z, (pattern_seen @ vh.float()).to(vh.dtype))  # the same values
         return (pattern_seen @ vh.float()).to(vh.dtype)
 
 
