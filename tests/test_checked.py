@@ -134,3 +134,26 @@ def test_records_are_pruned_and_only_records(tmp_path, monkeypatch):
     assert foreign.exists()
     kept = [k for k in keys if checked.is_known(k)]
     assert kept == keys[-3:]  # the three newest records
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_hostile_records_folder(tmp_path, monkeypatch):
+    """A record reached through a symlink, a FIFO or a folder under a record's name is not
+    trusted and raises nothing; pruning removes none of them nor what a link points at."""
+    monkeypatch.setenv("RESID_CACHE", str(tmp_path))
+    monkeypatch.setattr(checked, "MAX_RECORDS", 1)
+    where = tmp_path / "checked"
+    where.mkdir()
+    keys = [json.dumps({"version": 1, "dtype": "x", "files": [[i]]}) for i in range(4)]
+    outside = tmp_path / "outside"
+    outside.write_text(keys[0])
+    os.symlink(outside, checked._path(keys[0]))
+    os.mkfifo(checked._path(keys[1]))
+    checked._path(keys[2]).mkdir()
+    for key in keys[:3]:
+        os.utime(checked._path(key), ns=(1, 1), follow_symlinks=False)
+        assert not checked.is_known(key)
+    checked.remember(keys[3])  # four entries over a limit of one: only records may go
+    assert checked.is_known(keys[3])
+    assert outside.read_text() == keys[0] and os.path.islink(checked._path(keys[0]))
+    assert checked._path(keys[1]).exists() and checked._path(keys[2]).is_dir()
