@@ -158,8 +158,9 @@ def compare(
         config_from = "gpt2" if gpt2 else str(ckpt.folder)
         bridge = transformer_lens_bridge(hf, device, copy=False, config_from=config_from)
     report.rows.append(logit_stats("TransformerLens bridge", bridge(tokens), ours, atol, rtol))
-    # hook_result is off in the bridge unless enabled; compare every site it caches by default
-    left_out = {"result"}
+    # hook_result and the split inputs are off in the bridge unless enabled (asked for, it
+    # warns and skips them): compare every site it caches by default
+    left_out = {"result", "attn_in", "q_input", "k_input", "v_input", "mlp_in"}
     if model.cfg.architecture == "gpt_neo":  # the bridge's GPT-Neo scores hold the pattern
         left_out.add("attn_scores")
     shared = [
