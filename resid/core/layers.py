@@ -16,11 +16,12 @@ same modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from torch import Tensor, nn
 from resid.core.config import Config
 from resid.core.hooks import HookPoint
 from resid.core.rotary import Rotary
+
+T = TypeVar("T")
 
 _MIN_ROWS: ContextVar[int] = ContextVar("resid_min_rows", default=0)
 
@@ -83,11 +86,23 @@ class Mask:
 
     ``offset`` is the position of the first query in the whole sequence (the length of a
     KV cache before it); ``keys`` marks the real (non-padding) keys, past and new, per row
-    (``None``: all real). With neither, attention is plainly causal.
+    (``None``: all real). With neither, attention is plainly causal. ``memo``: a dict that
+    keeps what every block derives alike (the allowed keys, the rotary angles), so that one
+    forward pass computes each once, not once a block (``Model.forward`` gives each pass a
+    fresh one; ``None``: nothing kept).
     """
 
     offset: int = 0
     keys: Bool[Tensor, "batch key_pos"] | None = None
+    memo: dict | None = field(default=None, compare=False, repr=False)
+
+    def derived(self, key: tuple, make: Callable[[], T]) -> T:
+        """``make()``, computed once per ``key`` for this mask when it keeps a memo."""
+        if self.memo is None:
+            return make()
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     @property
     def causal_only(self) -> bool:
@@ -329,14 +344,25 @@ class Attention(nn.Module):
             qkv = (self._part(fused, 0), self._part(fused, 1), self._part(fused, 2))
         q, k, v = self.hook_q(qkv[0]), self.hook_k(qkv[1]), self.hook_v(qkv[2])
         if self.rotary is not None:
-            cos, sin = self.rotary.angles(mask.positions(pos, x.device))
+            cos, sin = mask.derived(  # the same for every block
+                ("angles", pos, x.device, self.rotary.dims),
+                lambda: self.rotary.angles(mask.positions(pos, x.device)),
+            )
             q = self.hook_rot_q(self.rotary(q, cos, sin))
             k = self.hook_rot_k(self.rotary(k, cos, sin))
         if kv is not None:
             k, v = kv.extend(k, v)
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
         plain = mask.causal_only and self.window is None
-        allowed = None if plain else mask.allowed(pos, kh.shape[2], x.device, self.window)
+        n_k = kh.shape[2]
+        allowed = (
+            None
+            if plain
+            else mask.derived(
+                ("allowed", pos, n_k, x.device, self.window),
+                lambda: mask.allowed(pos, n_k, x.device, self.window),
+            )
+        )
         grouped = self.cfg.kv_heads != self.cfg.n_heads
         z = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=allowed, is_causal=plain, scale=self.scale, enable_gqa=grouped

@@ -172,7 +172,7 @@ class Model(Hooked, WeightViews, nn.Module):
             raise ValueError(
                 f"{offset + shape[1]} positions is more than the context of {self.cfg.n_ctx}"
             )
-        attn_mask = Mask(offset, full)
+        attn_mask = Mask(offset, full, memo={})  # derived once for every block
         if start_at_layer is None:
             if self.hook_tokens.active:  # a copy: a hook never edits the caller's tensor
                 tokens = self.hook_tokens(tokens.clone())

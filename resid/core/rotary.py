@@ -73,7 +73,8 @@ class Rotary(nn.Module):
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         first, second = rot.chunk(2, -1)
         turned = torch.cat([-second, first], -1)
-        return torch.cat([rot * cos + turned * sin, rest], -1)
+        rotated = rot * cos + turned * sin
+        return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], -1)
 
     def matrix(self, offset: int, d_head: int) -> Float[Tensor, "d_head d_head"]:
         """``R`` with ``rotate(x at i) · rotate(y at j) = x R yᵀ`` for ``i - j = offset``:
