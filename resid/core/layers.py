@@ -9,31 +9,30 @@ There is one forward path. The model's output always comes from the same kernels
 (``F.layer_norm``, ``scaled_dot_product_attention``, one fused GEMM per projection),
 whatever is hooked. When a hook or the cache wants a value those kernels never build (the
 attention scores and pattern, LayerNorm's scale, each head's result) it is computed
-beside them, and the output is rebuilt from it only if a hook changed it. Everything that
+beside them, and the output is rebuilt from it only if a hook changed its values (handed
+back equal, it keeps the kernels' output: ``kept``). The mask every block shares is
+``resid.core.mask.Mask``. Everything that
 re-runs part of the model (patching sweeps, generation with a KV cache) calls these
 same modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from resid.core.config import Config
 from resid.core.hooks import HookPoint
+from resid.core.mask import CAUSAL, Mask
 from resid.core.rotary import Rotary
-
-T = TypeVar("T")
 
 _MIN_ROWS: ContextVar[int] = ContextVar("resid_min_rows", default=0)
 
@@ -78,58 +77,6 @@ def kept(changed: bool, seen: Tensor, original: Tensor) -> bool:
     changes nothing. An activation edited in place is the original itself, so it never
     counts as kept."""
     return not changed or (seen is not original and torch.equal(seen, original))
-
-
-@dataclass(frozen=True)
-class Mask:
-    """Which keys the queries of one forward may attend to, and the queries' positions.
-
-    ``offset`` is the position of the first query in the whole sequence (the length of a
-    KV cache before it); ``keys`` marks the real (non-padding) keys, past and new, per row
-    (``None``: all real). With neither, attention is plainly causal. ``memo``: a dict that
-    keeps what every block derives alike (the allowed keys, the rotary angles), so that one
-    forward pass computes each once, not once a block (``Model.forward`` gives each pass a
-    fresh one; ``None``: nothing kept).
-    """
-
-    offset: int = 0
-    keys: Bool[Tensor, "batch key_pos"] | None = None
-    memo: dict | None = field(default=None, compare=False, repr=False)
-
-    def derived(self, key: tuple, make: Callable[[], T]) -> T:
-        """``make()``, computed once per ``key`` for this mask when it keeps a memo."""
-        if self.memo is None:
-            return make()
-        if key not in self.memo:
-            self.memo[key] = make()
-        return self.memo[key]
-
-    @property
-    def causal_only(self) -> bool:
-        return self.offset == 0 and self.keys is None
-
-    def positions(self, n_q: int, device: torch.device) -> Int[Tensor, "*batch pos"]:
-        """The position of each new query: its index, or with padding the number of real
-        tokens before it in its row (Hugging Face's ``position_ids``)."""
-        if self.keys is None:
-            return torch.arange(self.offset, self.offset + n_q, device=device)
-        return (self.keys.long().cumsum(1) - 1).clamp(min=0)[:, -n_q:].to(device)
-
-    def allowed(
-        self, n_q: int, n_k: int, device: torch.device, window: int | None = None
-    ) -> Bool[Tensor, "batch 1 q k"]:
-        """``allowed[b, 0, i, j]``: query ``i`` may read key ``j`` (within ``window``
-        positions of it, if given). Every query may read itself, so a padding query attends
-        somewhere and never yields NaN."""
-        q = torch.arange(self.offset, self.offset + n_q, device=device)[:, None]
-        k = torch.arange(n_k, device=device)[None]
-        allowed = k <= q
-        if window is not None:
-            allowed = allowed & (k > q - window)
-        allowed = allowed[None, None]
-        if self.keys is not None:
-            allowed = (allowed & self.keys[:, None, None, :].to(device)) | (k == q)
-        return allowed
 
 
 class _Norm(nn.Module):
@@ -330,7 +277,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        mask: Mask = Mask(),
+        mask: Mask = CAUSAL,
         kv: KVStore | None = None,
         qkv: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -485,7 +432,7 @@ class Block(nn.Module):
     def forward(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        mask: Mask = Mask(),
+        mask: Mask = CAUSAL,
         kv: KVStore | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         if self.parallel:
@@ -498,7 +445,7 @@ class Block(nn.Module):
     def attend(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        mask: Mask = Mask(),
+        mask: Mask = CAUSAL,
         kv: KVStore | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """resid_pre -> resid_mid: the attention half of a sequential block."""
@@ -525,7 +472,7 @@ class Block(nn.Module):
     def read_attention(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        mask: Mask = Mask(),
+        mask: Mask = CAUSAL,
         kv: KVStore | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention's output on the stream it reads. Unhooked, ``attn(ln1(resid))``. With
