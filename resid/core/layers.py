@@ -101,15 +101,17 @@ class _Norm(nn.Module):
         scale_seen, scale_changed = self.hook_scale.see(scale)
         normalized = (centred / scale_seen).to(x.dtype)
         normalized_seen, normalized_changed = self.hook_normalized.see(normalized)
-        if not (scale_changed or normalized_changed):
-            if self.hook_scale.grad_wanted or self.hook_normalized.grad_wanted:
-                return through(out, self.gain(normalized_seen))
-            return out  # only observed
-        if kept(scale_changed, scale_seen, scale) and kept(
-            normalized_changed, normalized_seen, normalized
-        ):  # the same values handed back: the kernel's output, the gradient the hooks' way
+        if not (
+            kept(scale_changed, scale_seen, scale)
+            and kept(normalized_changed, normalized_seen, normalized)
+        ):
+            return self.gain(normalized_seen)
+        # the same values (observed, or handed back): the kernel's output, with the gradient
+        # the hooks' way when a hook replaced a value or a backward hook waits
+        if (scale_changed or normalized_changed or self.hook_scale.grad_wanted
+                or self.hook_normalized.grad_wanted):  # fmt: skip
             return through(out, self.gain(normalized_seen))
-        return self.gain(normalized_seen)
+        return out
 
     def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
         """The number each state is divided by, in fp32."""
@@ -348,15 +350,20 @@ class Attention(nn.Module):
         scores_seen, scores_changed = self.hook_attn_scores.see(scores)
         pattern = scores_seen.softmax(-1)
         pattern_seen, pattern_changed = self.hook_pattern.see(pattern)
-        if not (scores_changed or pattern_changed):
-            if self.hook_attn_scores.grad_wanted or self.hook_pattern.grad_wanted:
-                return through(z, (pattern_seen @ vh.float()).to(vh.dtype))
-            return z  # only observed
-        if kept(scores_changed, scores_seen, scores) and kept(
-            pattern_changed, pattern_seen, pattern
+
+        def rebuilt() -> Tensor:  # z from the pattern the hooks left
+            return (pattern_seen @ vh.float()).to(vh.dtype)
+
+        if not (
+            kept(scores_changed, scores_seen, scores)
+            and kept(pattern_changed, pattern_seen, pattern)
         ):
-            return through(z, (pattern_seen @ vh.float()).to(vh.dtype))  # the same values
-        return (pattern_seen @ vh.float()).to(vh.dtype)
+            return rebuilt()
+        # the same values (observed, or handed back): the kernel's z, the gradient the hooks' way
+        if (scores_changed or pattern_changed or self.hook_attn_scores.grad_wanted
+                or self.hook_pattern.grad_wanted):  # fmt: skip
+            return through(z, rebuilt())
+        return z  # only observed
 
 
 _ACTIVATIONS = {

@@ -164,11 +164,10 @@ def logit_diff(answer: int | Tensor, wrong: int | Tensor, pos: int | Tensor | No
     return Metric(lambda sel: (sel[..., 0] - sel[..., 1]).float().mean(), pos, tokens, "logit_diff")
 
 
-def _of_token(token: int | Tensor, pos: int | Tensor, name: str) -> Metric:
-    """The mean over prompts of ``softmax`` (``"prob"``) or ``log_softmax`` (``"log_prob"``)
-    of the logits, at ``token`` (one id, or one per prompt) at ``pos``."""
+def _of_token(token: int | Tensor, pos: int | Tensor, normalise, name: str) -> Metric:
+    """The mean over prompts of ``normalise`` (``torch.softmax``, ``torch.log_softmax``) of
+    the logits, at ``token`` (one id, or one per prompt) at ``pos``."""
     tok = _per_prompt(token, "token")
-    normalise = torch.softmax if name == "prob" else torch.log_softmax
 
     def fn(sel: Float[Tensor, "batch d_vocab"]) -> Tensor:
         t = tok.to(sel.device).expand(sel.shape[0])
@@ -182,7 +181,7 @@ def log_prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
 
     >>> m = log_prob(token=1234)
     """
-    return _of_token(token, pos, "log_prob")
+    return _of_token(token, pos, torch.log_softmax, "log_prob")
 
 
 def prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
@@ -190,7 +189,7 @@ def prob(token: int | Tensor, pos: int | Tensor = -1) -> Metric:
 
     >>> m = prob(token=1234)
     """
-    return _of_token(token, pos, "prob")
+    return _of_token(token, pos, torch.softmax, "prob")
 
 
 def kl_to_clean(

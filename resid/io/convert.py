@@ -23,11 +23,12 @@ from resid.io import checked
 from resid.io.checkpoint import Stored, stored_of
 from resid.io.families import family
 from resid.io.families.assemble import check, convert, normalise
-from resid.io.families.common import Family
+from resid.io.families.common import Family, Param
 
 
 def build_model(
     entries: dict[str, Stored],
+    params: dict[str, Param],
     cfg: Config,
     fam: Family,
     *,
@@ -37,12 +38,12 @@ def build_model(
     allow_nonfinite: bool,
     source,
 ) -> Model:
-    """The ``Model`` of checked, normalised checkpoint entries: names and shapes compared
-    with ``cfg`` first, then each parameter converted on its own into ``dtype`` (default
-    float32) on ``device`` (default CUDA when there is one). Values are checked (finite;
-    a tied unembedding equal to the embedding) unless ``resid.io.checked`` holds a record
-    of these very files passing for ``dtype``; a clean check leaves one."""
-    params = check(entries, cfg, fam, source)
+    """The ``Model`` of normalised checkpoint entries whose names and shapes ``check``
+    compared with ``cfg`` (``params`` is what it returned): each parameter converted on its
+    own into ``dtype`` (default float32) on ``device`` (default CUDA when there is one).
+    Values are checked (finite; a tied unembedding equal to the embedding) unless
+    ``resid.io.checked`` holds a record of these very files passing for ``dtype``; a clean
+    check leaves one."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or torch.float32
     key = checked.record_key(entries.values(), dtype)
@@ -98,5 +99,6 @@ def from_hf(
     fam = family(hf_config, source)
     entries = normalise(stored_of(weights, source), fam, source)
     cfg = fam.config(hf_config, source, fam.held(entries))
-    return build_model(entries, cfg, fam, tokenizer=tokenizer, dtype=dtype, device=device,
+    params = check(entries, cfg, fam, source)
+    return build_model(entries, params, cfg, fam, tokenizer=tokenizer, dtype=dtype, device=device,
                        allow_nonfinite=allow_nonfinite, source=source)  # fmt: skip

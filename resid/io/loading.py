@@ -136,8 +136,8 @@ def build(
     """The ``Model`` of a checkpoint already read (see ``read``)."""
     cfg = config or ckpt.config
     entries = {k: ckpt.weights.stored(k) for k in ckpt.weights}
-    check(entries, cfg, ckpt.family, ckpt.source)  # names and shapes before the tokenizer
-    return build_model(entries, cfg, ckpt.family, tokenizer=_tokenizer_for(ckpt, cfg),
+    params = check(entries, cfg, ckpt.family, ckpt.source)  # names and shapes first
+    return build_model(entries, params, cfg, ckpt.family, tokenizer=_tokenizer_for(ckpt, cfg),
                        dtype=dtype, device=device, allow_nonfinite=allow_nonfinite,
                        source=ckpt.source)  # fmt: skip
 
