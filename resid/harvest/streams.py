@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from resid.core.rows import joined, rebatch
 from resid.core.seeds import generator
 from resid.harvest import store
 from resid.harvest.errors import HarvestError
@@ -130,18 +131,6 @@ class HarvestStreams:
                 )
             epoch += 1
 
-    def _rebatch(self, s: int, rows: int, start: int) -> Iterator[tuple[Tensor, ...]]:
-        pieces: list[tuple[Tensor, ...]] = []
-        have = 0
-        for piece in self._stream(s, start):
-            pieces.append(piece)
-            have += len(piece[0])
-            while have >= rows:
-                joined = tuple(torch.cat([p[i] for p in pieces]) for i in range(len(self.sites)))
-                yield tuple(t[:rows] for t in joined)
-                rest = tuple(t[rows:] for t in joined)
-                pieces, have = [rest], have - rows
-
     def batches(
         self, streams: range, rows: int, start: int
     ) -> Iterator[tuple[Float[Tensor, "batch units"], ...]]:
@@ -154,10 +143,6 @@ class HarvestStreams:
             raise ValueError(f"rows must be an int in [1, 2^30], not {rows!r}")
         if not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be a step >= 0, not {start!r}")
-        its = [self._rebatch(s, rows, start * rows) for s in streams]
-        while True:
-            got = [next(it) for it in its]
-            yield tuple(
-                torch.cat([g[i] for g in got]).to(self.device, self.dtype)
-                for i in range(len(self.sites))
-            )
+        its = [rebatch(self._stream(s, start * rows), rows) for s in streams]
+        for batch in joined(its, len(self.sites)):
+            yield tuple(t.to(self.device, self.dtype) for t in batch)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from resid.core import hooks, names
 from resid.core.model import Model
+from resid.core.rows import joined, rebatch
 from resid.core.seeds import generator
 from resid.sae.sites import site_width
 
@@ -293,17 +294,6 @@ class ModelStreams:
                 yield tuple(t[perm] for t in self.rows(chunk))
             epoch += 1
 
-    def _rebatch(self, s: int, rows: int, start: int) -> Iterator[tuple[Tensor, ...]]:
-        pieces: list[tuple[Tensor, ...]] = []
-        have = 0
-        for piece in self._stream(s, start * rows):
-            pieces.append(piece)
-            have += len(piece[0])
-            while have >= rows:
-                joined = tuple(torch.cat([p[i] for p in pieces]) for i in range(len(self.sites)))
-                yield tuple(t[:rows] for t in joined)
-                pieces, have = [tuple(t[rows:] for t in joined)], have - rows
-
     def batches(
         self, streams: range, rows: int, start: int
     ) -> Iterator[tuple[Float[Tensor, "batch width"], ...]]:
@@ -318,10 +308,8 @@ class ModelStreams:
             raise ValueError(
                 f"streams must be a range within range({self.streams}), not {streams!r}"
             )
-        its = [self._rebatch(s, rows, start) for s in streams]
-        while True:
-            got = [next(it) for it in its]
-            yield tuple(torch.cat([g[i] for g in got]) for i in range(len(self.sites)))
+        its = [rebatch(self._stream(s, start * rows), rows) for s in streams]
+        return joined(its, len(self.sites))
 
     def __repr__(self) -> str:
         n, pos = self.tokens.shape

@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from resid.core.distributed import barrier, broadcast, collective_failure, gather
+from resid.core.rows import joined
 from resid.core.seeds import generator
 from resid.sae import training_files as checkpoint
 from resid.sae.config import SAEConfig
@@ -130,10 +131,7 @@ class TensorStreams:
             yield tuple(t[index] for t in mine)
 
     def batches(self, streams: range, rows: int, start: int) -> Iterator[tuple[Tensor, ...]]:
-        its = [self._stream(s, rows, start) for s in streams]
-        while True:
-            got = [next(it) for it in its]
-            yield tuple(torch.cat([g[i] for g in got]) for i in range(len(self.widths)))
+        return joined([self._stream(s, rows, start) for s in streams], len(self.widths))
 
 
 @dataclass(frozen=True)
