@@ -32,7 +32,8 @@ from resid.core.hooked import Hooked
 from resid.core.hooks import HookPoint
 from resid.core.inputs import Input, Inputs
 from resid.core.kv_cache import KVCache
-from resid.core.layers import Block, KVStore, Mask, norm
+from resid.core.layers import Block, KVStore, norm
+from resid.core.mask import Mask
 from resid.core.tokenizer import Tokenizer
 from resid.core.weights import WeightViews
 

@@ -17,7 +17,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from resid.core import devices, names
-from resid.core.layers import KVStore, Mask, affine, row_invariant
+from resid.core.layers import KVStore, affine, row_invariant
+from resid.core.mask import Mask
 from resid.core.model import Model
 from resid.core.names import act_name
 from resid.interventions.metrics import Metric
